@@ -1,0 +1,267 @@
+"""The component registry: every served model's tensors, written once.
+
+The exporter (ONNX input/output names, dynamic axes), the parity checks, the Triton configuration
+generator, the TensorRT profile builder and this client's request builders all read these specs, so a
+renamed tensor or a changed shape cannot drift between them.
+
+Shapes are symbolic. Symbols are resolved from the checkpoint's configs (see `ModelDims`), never from
+the released model's numbers; the symbols in `DYNAMIC_SYMBOLS` stay dynamic (-1) in served models.
+The first dimension of every tensor is the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+BATCH = "batch"
+DYNAMIC_SYMBOLS = frozenset({BATCH, "height", "width", "latent_height", "latent_width"})
+
+# How many images one request may ask for. The batch a model sees follows from it: the prior and text
+# encoder run [prompts, negative prompts] x [uncond, cond]; the UNet runs [uncond, cond].
+MAX_IMAGES_PER_REQUEST = 4
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes read from a checkpoint's configs; everything the served graph shapes depend on."""
+
+    text_seq_len: int  # tokenizer.model_max_length (77 for CLIP)
+    text_hidden: int  # text_encoder.config.hidden_size
+    text_embed: int  # text_encoder.config.projection_dim
+    embed_dim: int  # prior.config.embedding_dim == image embedding width used by the UNet
+    image_size: int  # image_encoder.config.image_size
+    latent_channels: int  # movq.config.latent_channels == unet.config.in_channels
+    unet_out_channels: int  # unet.config.out_channels (2x latent channels with learned variance)
+    inpaint_in_channels: int  # inpaint unet in_channels (latent + masked latent + mask), 0 if absent
+    movq_scale_factor: int  # 2 ** (len(movq.config.block_out_channels) - 1)
+    unet_downscale: int  # 2 ** (number of UNet downsampling blocks)
+
+    def as_symbols(self) -> dict[str, int]:
+        """Symbol table used to resolve `TensorSpec.shape`."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, int]) -> ModelDims:
+        return cls(**{f.name: int(values[f.name]) for f in fields(cls)})
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this, so the decoded image has the requested size.
+
+        diffusers rounds the latent size up to a multiple of movq_scale_factor pixels squared
+        (`downscale_height_and_width`); the UNet additionally needs latents divisible by its downscale.
+        """
+        multiple = self.movq_scale_factor**2
+        while (multiple // self.movq_scale_factor) % self.unet_downscale:
+            multiple *= 2
+        return multiple
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, bool, uint8, or "bytes" for strings
+    shape: tuple[str | int, ...]
+
+    def resolve(self, dims: Mapping[str, int], *, keep_dynamic: bool = True) -> tuple[int, ...]:
+        """Concrete shape: symbols from `dims`; dynamic symbols become -1 when `keep_dynamic`."""
+        out: list[int] = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif keep_dynamic and d in DYNAMIC_SYMBOLS:
+                out.append(-1)
+            else:
+                out.append(int(dims[d]))
+        return tuple(out)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX dynamic axes: axis index -> symbolic name."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str) and d in DYNAMIC_SYMBOLS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A served Triton model: its tensors and how large a batch it takes."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    description: str = ""
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComponentSpec(ModelSpec):
+    """One network exported to ONNX and served as one Triton model."""
+
+    checkpoint: str  # which checkpoint folder holds it: "prior", "decoder" or "decoder_inpaint"
+    called_per_step: bool = False  # evaluated once per denoising step: worth dynamic batching
+    optional: bool = False  # exported only when its checkpoint is present
+
+
+def _latent(name: str, channels: str) -> TensorSpec:
+    return TensorSpec(name, "float32", (BATCH, channels, "latent_height", "latent_width"))
+
+
+_IMAGES_CFG = 2 * MAX_IMAGES_PER_REQUEST
+_PROMPTS_CFG = 4 * MAX_IMAGES_PER_REQUEST
+
+TEXT_ENCODER = ComponentSpec(
+    name="text_encoder",
+    checkpoint="prior",
+    description="CLIP text encoder with projection (diffusers calls it with input_ids only).",
+    inputs=(TensorSpec("input_ids", "int64", (BATCH, "text_seq_len")),),
+    outputs=(
+        TensorSpec("text_embeds", "float32", (BATCH, "text_embed")),
+        TensorSpec("last_hidden_state", "float32", (BATCH, "text_seq_len", "text_hidden")),
+    ),
+    max_batch_size=_PROMPTS_CFG,
+)
+
+IMAGE_ENCODER = ComponentSpec(
+    name="image_encoder",
+    checkpoint="prior",
+    description="CLIP vision encoder with projection: normalised pixels -> image embedding.",
+    inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, "image_size", "image_size")),),
+    outputs=(TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),),
+    max_batch_size=_IMAGES_CFG,
+)
+
+PRIOR = ComponentSpec(
+    name="prior",
+    checkpoint="prior",
+    description="PriorTransformer: one denoising step of the CLIP image embedding.",
+    inputs=(
+        TensorSpec("hidden_states", "float32", (BATCH, "embed_dim")),
+        TensorSpec("timestep", "int64", (BATCH,)),
+        TensorSpec("proj_embedding", "float32", (BATCH, "text_embed")),
+        TensorSpec("encoder_hidden_states", "float32", (BATCH, "text_seq_len", "text_hidden")),
+        TensorSpec("attention_mask", "bool", (BATCH, "text_seq_len")),
+    ),
+    outputs=(TensorSpec("predicted_image_embedding", "float32", (BATCH, "embed_dim")),),
+    max_batch_size=_PROMPTS_CFG,
+    called_per_step=True,
+)
+
+UNET = ComponentSpec(
+    name="unet",
+    checkpoint="decoder",
+    description="UNet2DConditionModel: one denoising step of the image latents.",
+    inputs=(
+        _latent("sample", "latent_channels"),
+        TensorSpec("timestep", "int64", (BATCH,)),
+        TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
+    ),
+    outputs=(_latent("noise_pred", "unet_out_channels"),),
+    max_batch_size=_IMAGES_CFG,
+    called_per_step=True,
+)
+
+UNET_INPAINT = ComponentSpec(
+    name="unet_inpaint",
+    checkpoint="decoder_inpaint",
+    description="Inpainting UNet: latents, masked-image latents and mask concatenated on channels.",
+    inputs=(
+        _latent("sample", "inpaint_in_channels"),
+        TensorSpec("timestep", "int64", (BATCH,)),
+        TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
+    ),
+    outputs=(_latent("noise_pred", "unet_out_channels"),),
+    max_batch_size=_IMAGES_CFG,
+    called_per_step=True,
+    optional=True,
+)
+
+MOVQ_ENCODER = ComponentSpec(
+    name="movq_encoder",
+    checkpoint="decoder",
+    description="MoVQ encoder: image in [-1, 1] -> latents (not quantised, no scaling factor).",
+    inputs=(TensorSpec("image", "float32", (BATCH, 3, "height", "width")),),
+    outputs=(_latent("latents", "latent_channels"),),
+    max_batch_size=_IMAGES_CFG,
+)
+
+MOVQ_DECODER = ComponentSpec(
+    name="movq_decoder",
+    checkpoint="decoder",
+    description="MoVQ decoder with force_not_quantize=True: latents -> image in [-1, 1].",
+    inputs=(_latent("latents", "latent_channels"),),
+    outputs=(TensorSpec("image", "float32", (BATCH, 3, "height", "width")),),
+    max_batch_size=_IMAGES_CFG,
+)
+
+COMPONENTS: dict[str, ComponentSpec] = {
+    c.name: c for c in (TEXT_ENCODER, IMAGE_ENCODER, PRIOR, UNET, UNET_INPAINT, MOVQ_ENCODER, MOVQ_DECODER)
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedModelSpec(ModelSpec):
+    """A Triton model that is not an exported network: pre/post-processing or an ensemble."""
+
+    steps: tuple[str, ...] = ()  # for ensembles: the models it chains, in order
+
+
+TOKENIZER = ServedModelSpec(
+    name="tokenizer",
+    description="CLIPTokenizer from the checkpoint: pad/truncate to the model's max length.",
+    inputs=(TensorSpec("prompt", "bytes", (BATCH, 1)),),
+    outputs=(
+        TensorSpec("input_ids", "int64", (BATCH, "text_seq_len")),
+        TensorSpec("attention_mask", "bool", (BATCH, "text_seq_len")),
+    ),
+    max_batch_size=_PROMPTS_CFG,
+)
+
+PRIOR_POSTPROCESS = ServedModelSpec(
+    name="prior_postprocess",
+    description=(
+        "Un-normalise prior latents (x * clip_std + clip_mean) and return the checkpoint's constant "
+        "negative image embedding (image encoder on a zero image), computed once at export."
+    ),
+    inputs=(TensorSpec("latents", "float32", (BATCH, "embed_dim")),),
+    outputs=(
+        TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
+        TensorSpec("zero_image_embeds", "float32", (BATCH, "embed_dim")),
+    ),
+    max_batch_size=_PROMPTS_CFG,
+)
+
+POSTPROCESS_IMAGE = ServedModelSpec(
+    name="postprocess_image",
+    description="[-1, 1] NCHW float -> uint8 NHWC RGB, rounded as diffusers' numpy_to_pil does.",
+    inputs=(TensorSpec("image", "float32", (BATCH, 3, "height", "width")),),
+    outputs=(TensorSpec("image_rgb", "uint8", (BATCH, "height", "width", 3)),),
+    max_batch_size=_IMAGES_CFG,
+)
+
+ENCODE_PROMPT = ServedModelSpec(
+    name="encode_prompt",
+    description="Ensemble: prompt strings -> tokenizer -> text encoder.",
+    inputs=TOKENIZER.inputs,
+    outputs=(*TEXT_ENCODER.outputs, TOKENIZER.output("attention_mask")),
+    max_batch_size=_PROMPTS_CFG,
+    steps=("tokenizer", "text_encoder"),
+)
+
+DECODE_IMAGE = ServedModelSpec(
+    name="decode_image",
+    description="Ensemble: latents -> MoVQ decoder -> uint8 RGB.",
+    inputs=MOVQ_DECODER.inputs,
+    outputs=POSTPROCESS_IMAGE.outputs,
+    max_batch_size=_IMAGES_CFG,
+    steps=("movq_decoder", "postprocess_image"),
+)
+
+SERVED_MODELS: dict[str, ServedModelSpec] = {
+    m.name: m for m in (TOKENIZER, PRIOR_POSTPROCESS, POSTPROCESS_IMAGE, ENCODE_PROMPT, DECODE_IMAGE)
+}

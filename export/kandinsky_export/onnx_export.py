@@ -1,0 +1,261 @@
+"""Export components to ONNX, check each against PyTorch, and write the export bundle.
+
+The bundle is everything the model-repository generator needs, and nothing that needs torch:
+
+    <out>/manifest.json                 dims, scheduler configs, per-component files and parity
+    <out>/<component>/model.onnx        (+ model.onnx_data when the graph is over 2 GB)
+    <out>/tokenizer/                    the checkpoint's tokenizer files
+    <out>/prior_postprocess/*.npy       clip_mean, clip_std, and the zero-image embedding
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from kandinsky_client.components import COMPONENTS, ComponentSpec
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .modules import build_wrapper, sample_inputs, to_torch
+
+logger = logging.getLogger(__name__)
+
+ONNX_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
+EXTERNAL_DATA_NAME = "model.onnx_data"
+MANIFEST = "manifest.json"
+
+# FP32 ONNX Runtime vs PyTorch: both compute in float32 (eps 1.2e-7) and differ only by operator
+# fusion and summation order. Errors grow with depth to ~1e-6 relative on these graphs; 1e-4 of the
+# output's scale leaves headroom for the 48-layer encoders while a wrong op (errors of 1e-2 and up) fails.
+FP32_TOLERANCE = 1e-4
+
+
+@dataclass
+class ParityReport:
+    component: str
+    precision: str
+    output: str
+    max_abs_error: float
+    max_rel_error: float  # max |a-b| / max(1, max |reference|)
+    tolerance: float
+    shapes: dict[str, list[int]]
+    finite: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.max_rel_error <= self.tolerance
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (
+            f"{self.component:>14s} [{self.precision}] {self.output:>26s}: max abs {self.max_abs_error:.3e}, "
+            f"max rel {self.max_rel_error:.3e} (tolerance {self.tolerance:.0e}) {verdict}"
+        )
+
+
+def compare_outputs(
+    component: str,
+    precision: str,
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    tolerance: float,
+    shapes: dict[str, list[int]],
+) -> list[ParityReport]:
+    """One report per output; NaN or Inf in the candidate always fails."""
+    reports = []
+    for name, ref in reference.items():
+        got = candidate[name].astype(np.float64)
+        ref64 = ref.astype(np.float64)
+        if got.shape != ref64.shape:
+            raise AssertionError(f"{component}.{name}: shape {got.shape} != reference {ref64.shape}")
+        finite = bool(np.isfinite(got).all())
+        diff = np.abs(got - ref64) if finite else np.array([np.inf])
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = max(1.0, float(np.abs(ref64).max()) if ref64.size else 1.0)
+        reports.append(
+            ParityReport(component, precision, name, max_abs, max_abs / scale, tolerance, shapes, finite)
+        )
+    return reports
+
+
+def torch_reference(wrapper: torch.nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> dict:
+    with torch.inference_mode():
+        out = wrapper(**to_torch(inputs))
+    outs = out if isinstance(out, tuple) else (out,)
+    return {t.name: o.detach().float().numpy() for t, o in zip(spec.outputs, outs, strict=True)}
+
+
+def onnx_session(path: Path, providers: list[str] | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_session(session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+def save_onnx(model_path: Path) -> None:
+    """Re-save an exported model: one file, or one external-data file when over the protobuf limit."""
+    model = onnx.load(str(model_path), load_external_data=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    for stale in model_path.parent.iterdir():
+        if stale != model_path:
+            stale.unlink()
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            str(model_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(model_path))
+
+
+def export_component(
+    checkpoint: Checkpoint,
+    component: str,
+    out_dir: Path,
+    *,
+    export_size: tuple[int, int] | None = None,
+    check_size: tuple[int, int] | None = None,
+) -> list[ParityReport]:
+    """Export one component to `<out_dir>/<component>/model.onnx` and check it against PyTorch.
+
+    It is traced at one batch and size and checked at another, so the dynamic axes are exercised.
+    """
+    spec = COMPONENTS[component]
+    dims = checkpoint.dims
+    base = dims.size_multiple
+    export_h, export_w = export_size or (2 * base, 2 * base)
+    check_h, check_w = check_size or (2 * base, 3 * base)
+    vocab = checkpoint.config("text_encoder")["vocab_size"]
+    model = checkpoint.load_component(component)
+    wrapper = build_wrapper(component, model)
+
+    trace_inputs = sample_inputs(
+        spec, dims, batch=2, height=export_h, width=export_w, seed=0, vocab_size=vocab
+    )
+    target_dir = Path(out_dir) / component
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+        tmp_model = Path(tmp) / "model.onnx"
+        with torch.inference_mode():
+            torch.onnx.export(
+                wrapper,
+                tuple(to_torch(trace_inputs).values()),
+                str(tmp_model),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes={t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)},
+                opset_version=ONNX_OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        for stale in target_dir.iterdir():
+            if stale.is_file():
+                stale.unlink()
+        for produced in Path(tmp).iterdir():
+            shutil.move(str(produced), target_dir / produced.name)
+    save_onnx(target)
+
+    check_inputs = sample_inputs(spec, dims, batch=3, height=check_h, width=check_w, seed=1, vocab_size=vocab)
+    reference = torch_reference(wrapper, spec, check_inputs)
+    got = run_session(onnx_session(target), check_inputs)
+    shapes = {k: list(v.shape) for k, v in check_inputs.items()}
+    del wrapper, model
+    return compare_outputs(component, "fp32", reference, got, FP32_TOLERANCE, shapes)
+
+
+def export_constants(checkpoint: Checkpoint, out_dir: Path) -> None:
+    """The prior's un-normalisation constants and the negative image embedding of a zero image.
+
+    diffusers recomputes `image_encoder(zeros)` on every call without a negative prompt; it depends only
+    on the checkpoint, so it is computed once here and shipped with the repository.
+    """
+    target = Path(out_dir) / "prior_postprocess"
+    target.mkdir(parents=True, exist_ok=True)
+    prior = checkpoint.load_component("prior")
+    np.save(target / "clip_mean.npy", prior.clip_mean.detach().float().numpy().reshape(-1))
+    np.save(target / "clip_std.npy", prior.clip_std.detach().float().numpy().reshape(-1))
+    del prior
+    encoder = checkpoint.load_component("image_encoder")
+    size = checkpoint.dims.image_size
+    with torch.inference_mode():
+        zero = encoder(pixel_values=torch.zeros(1, 3, size, size)).image_embeds
+    np.save(target / "zero_image_embeds.npy", zero.float().numpy().reshape(-1))
+
+
+def export_tokenizer(checkpoint: Checkpoint, out_dir: Path) -> None:
+    checkpoint.load_tokenizer().save_pretrained(Path(out_dir) / "tokenizer")
+
+
+def export_bundle(
+    checkpoint: Checkpoint,
+    out_dir: Path,
+    components: list[str] | None = None,
+) -> list[ParityReport]:
+    """Export every component the checkpoint has, the constants and the manifest; raise on failed parity."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = components or [name for name, spec in COMPONENTS.items() if checkpoint.has(spec.checkpoint)]
+    reports: list[ParityReport] = []
+    for component in tqdm(wanted, desc="exporting ONNX", unit="component"):
+        component_reports = export_component(checkpoint, component, out_dir)
+        for report in component_reports:
+            logger.info("%s", report.line())
+        reports += component_reports
+    export_constants(checkpoint, out_dir)
+    export_tokenizer(checkpoint, out_dir)
+    write_manifest(checkpoint, out_dir, wanted, reports)
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise RuntimeError("ONNX parity failed:\n" + "\n".join(r.line() for r in failed))
+    return reports
+
+
+def write_manifest(
+    checkpoint: Checkpoint, out_dir: Path, components: list[str], reports: list[ParityReport]
+) -> None:
+    manifest_path = Path(out_dir) / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"components": {}}
+    manifest["dims"] = asdict(checkpoint.dims)
+    manifest["schedulers"] = {
+        part: checkpoint.scheduler_config(part)
+        for part in ("prior", "decoder", "decoder_inpaint")
+        if checkpoint.has(part)
+    }
+    manifest["checkpoint"] = asdict(checkpoint)
+    manifest["vocab_size"] = checkpoint.config("text_encoder")["vocab_size"]
+    for component in components:
+        files = sorted(p.name for p in (Path(out_dir) / component).iterdir() if p.is_file())
+        manifest["components"][component] = {
+            "files": files,
+            "precision": "fp32",
+            "parity": [asdict(r) for r in reports if r.component == component],
+        }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `kandinsky-export onnx` first")
+    return json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""Triton model repository for Kandinsky 2.2: the generator, the python-backend models, the server."""

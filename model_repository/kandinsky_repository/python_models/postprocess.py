@@ -1,0 +1,42 @@
+"""Post-processing models: prior latents -> image embeddings, and MoVQ output -> uint8 RGB."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .base import BatchingModel, require_finite
+
+
+def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
+    """[-1, 1] NCHW float -> uint8 NHWC, with diffusers' arithmetic (x*0.5+0.5, clamp, *255, round)."""
+    image = np.clip(image.astype(np.float32) * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
+    return (image.transpose(0, 2, 3, 1) * np.float32(255)).round().astype(np.uint8)
+
+
+class PostprocessImage(BatchingModel):
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        require_finite("image", inputs["image"])
+
+    def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"image_rgb": to_uint8_rgb(inputs["image"])}
+
+
+class PriorPostprocess(BatchingModel):
+    """PriorTransformer.post_process_latents, plus the constant zero-image embedding for the batch."""
+
+    def setup(self, parameters: Mapping[str, str]) -> None:
+        self.clip_mean = np.load(self.version_dir / "clip_mean.npy").astype(np.float32)
+        self.clip_std = np.load(self.version_dir / "clip_std.npy").astype(np.float32)
+        self.zero_image_embeds = np.load(self.version_dir / "zero_image_embeds.npy").astype(np.float32)
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        require_finite("latents", inputs["latents"])
+
+    def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        latents = inputs["latents"].astype(np.float32)
+        return {
+            "image_embeds": latents * self.clip_std + self.clip_mean,
+            "zero_image_embeds": np.repeat(self.zero_image_embeds[None, :], len(latents), axis=0),
+        }
