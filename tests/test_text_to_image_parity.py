@@ -26,13 +26,13 @@ def reference_pipelines(tiny_checkpoint_root):
 CASES = [
     pytest.param({"prompt": "a photo of a cat", "height": 64, "width": 64, "seed": 0}, id="64x64-seed0"),
     pytest.param(
-        {"prompt": "a castle in the mountains", "height": 64, "width": 96, "seed": 1}, id="64x96-seed1"
+        {"prompt": "a castle in the mountains", "height": 64, "width": 128, "seed": 1}, id="64x128-seed1"
     ),
     pytest.param(
         {
             "prompt": "a red fox",
             "negative_prompt": "blurry, low quality",
-            "height": 96,
+            "height": 128,
             "width": 64,
             "seed": 2,
         },

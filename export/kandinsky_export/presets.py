@@ -160,10 +160,11 @@ PRESETS: dict[str, Preset] = {
             "norm_num_groups": 8,
         },
         movq={
+            # The released block types and 8x scale factor (so latent sizes and the 64-pixel size
+            # multiple are as in the released model); SpatialNorm needs multiples of 32 channels.
             **_MOVQ_COMMON,
-            "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-            "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
-            "block_out_channels": [32, 64],
+            **_MOVQ_BLOCKS,
+            "block_out_channels": [32, 32, 32, 32],
             "layers_per_block": 1,
             "norm_num_groups": 8,
             "num_vq_embeddings": 12,

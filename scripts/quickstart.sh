@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One command: set up, build the model, serve it with Triton, write an image, stop the server.
+#
+#   bash scripts/quickstart.sh ["a prompt"]
+#
+# Environment:
+#   PRESET=tiny|small|full         random-weight preset to build when no real checkpoint is given (tiny)
+#   PRIOR=... DECODER=...          real checkpoint folders or hub ids (where a network exists), e.g.
+#                                  kandinsky-community/kandinsky-2-2-prior, kandinsky-community/kandinsky-2-2-decoder
+#   OUTPUT=outputs/quickstart.png  HEIGHT=256 WIDTH=256 SEED=0 PRIOR_STEPS=25 DECODER_STEPS=50
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROMPT=${1:-"a photo of a red fox in the snow, highly detailed"}
+OUTPUT=${OUTPUT:-outputs/quickstart.png}
+PRESET=${PRESET:-tiny}
+
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+if [ -n "${PRIOR:-}" ]; then
+  NAME=checkpoint-$(echo "$PRIOR" | tr '/:' '__')
+  SOURCE=(--prior "$PRIOR" --decoder "${DECODER:?set DECODER with PRIOR}")
+  [ -n "${DECODER_INPAINT:-}" ] && SOURCE+=(--decoder-inpaint "$DECODER_INPAINT")
+else
+  NAME=$PRESET
+  SOURCE=(--checkpoint "artifacts/$NAME/checkpoint")
+  [ -f "artifacts/$NAME/checkpoint/prior/model_index.json" ] ||
+    kandinsky-export checkpoint --preset "$PRESET" --output "artifacts/$NAME/checkpoint"
+fi
+ART=artifacts/$NAME
+[ -f "$ART/onnx/manifest.json" ] || kandinsky-export onnx "${SOURCE[@]}" --output "$ART/onnx"
+kandinsky-repository --bundle "$ART/onnx" --output "$ART/model_repository"
+
+PORT=${PORT:-8001}
+LOG=$ART/serve.out
+kandinsky-serve --repository "$ART/model_repository" --grpc-port "$PORT" --http-port $((PORT + 100)) \
+  --metrics-port $((PORT + 101)) --log-file "$ART/triton.log" >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+until grep -q "Triton is serving" "$LOG"; do
+  kill -0 $SERVER 2>/dev/null || { cat "$LOG"; exit 1; }
+  sleep 0.5
+done
+cat "$LOG"
+
+kandinsky-client generate "$PROMPT" --url "localhost:$PORT" --output "$OUTPUT" \
+  --height "${HEIGHT:-256}" --width "${WIDTH:-256}" --seed "${SEED:-0}" \
+  --prior-steps "${PRIOR_STEPS:-25}" --decoder-steps "${DECODER_STEPS:-50}"

@@ -1,0 +1,93 @@
+"""Bad input gets a clear error naming the field and the valid values; the server keeps serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kandinsky_client import components as registry
+from kandinsky_client.errors import InferenceFailed, InvalidRequest, ServerUnavailable
+from kandinsky_client.pipeline import KandinskyClient
+
+from .conftest import free_port
+
+FAST = {"prior_steps": 2, "decoder_steps": 2, "height": 64, "width": 64}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "fragment"),
+    [
+        ({"prompt": []}, "prompt", "non-empty list"),
+        ({"prompt": ["ok", 3]}, "prompt[1]", "must be a string"),
+        ({"prompt": "x", "height": 65}, "height", "multiple of 64"),
+        ({"prompt": "x", "width": 0}, "width", "valid values are [64, 1024]"),
+        ({"prompt": "x", "height": 2048}, "height", "[64, 1024]"),
+        ({"prompt": "x", "decoder_steps": 0}, "decoder_steps", "[1, 1000]"),
+        ({"prompt": "x", "prior_steps": 1}, "prior_steps", "[2, 1000]"),
+        ({"prompt": "x", "prior_guidance_scale": float("nan")}, "prior_guidance_scale", "finite"),
+        ({"prompt": "x", "num_images_per_prompt": 5}, "num_images_per_prompt", "[1, 4]"),
+        ({"prompt": ["a", "b", "c"], "num_images_per_prompt": 2}, "num_images_per_prompt", "at most 4"),
+        ({"prompt": ["a", "b"], "negative_prompt": ["x", "y", "z"]}, "negative_prompt", "one per prompt"),
+        ({"prompt": "x", "seed": -1}, "seed", "valid values are [0,"),
+    ],
+)
+def test_client_rejects_bad_arguments(grpc_client, kwargs, field, fragment):
+    with pytest.raises(InvalidRequest) as error:
+        grpc_client.text_to_image(**{**FAST, **kwargs})
+    assert error.value.field == field
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unknown_server_is_reported(protocol):
+    with pytest.raises(ServerUnavailable, match=f"127.0.0.1:{(port := free_port())}"):
+        KandinskyClient(f"127.0.0.1:{port}", protocol=protocol, timeout_s=5)
+
+
+def test_unknown_protocol_is_reported():
+    with pytest.raises(InvalidRequest, match="protocol"):
+        KandinskyClient("localhost:1", protocol="carrier-pigeon")
+
+
+def _unet_inputs(dims, latent=None, batch=2):
+    latent = latent or dims.size_multiple // dims.movq_scale_factor
+    return {
+        "sample": np.zeros((batch, dims.latent_channels, latent, latent), np.float32),
+        "timestep": np.full((batch,), 10, np.int64),
+        "image_embeds": np.zeros((batch, dims.embed_dim), np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"sample": "nan"}, "input 'sample' contains NaN or Inf"),
+        ({"timestep": 1000}, "input 'timestep' has values in [1000, 1000]; valid range is [0, 999]"),
+        ({"latent": 3}, "input 'sample' height is 3; it must be a multiple of 8 in [8, 128]"),
+    ],
+)
+def test_server_rejects_bad_tensors_and_keeps_serving(grpc_client, change, fragment):
+    transport, dims = grpc_client.transport, grpc_client.info.dims
+    inputs = _unet_inputs(dims, latent=change.get("latent"))
+    if change.get("sample") == "nan":
+        inputs["sample"][0, 0, 0, 0] = np.nan
+    if "timestep" in change:
+        inputs["timestep"][:] = change["timestep"]
+    with pytest.raises(InferenceFailed) as error:
+        transport.infer(registry.UNET, inputs)
+    assert fragment in str(error.value)
+    # The same model still answers a valid request.
+    out = transport.infer(registry.UNET, _unet_inputs(dims))["noise_pred"]
+    side = dims.size_multiple // dims.movq_scale_factor
+    assert out.shape == (2, dims.unet_out_channels, side, side) and np.isfinite(out).all()
+
+
+def test_server_rejects_out_of_vocabulary_tokens(grpc_client):
+    ids = np.full((1, grpc_client.info.dims.text_seq_len), 10**6, np.int64)
+    with pytest.raises(InferenceFailed, match="input 'input_ids'.*valid range is"):
+        grpc_client.transport.infer(registry.TEXT_ENCODER, {"input_ids": ids})
+
+
+def test_server_rejects_a_batch_above_the_model_limit(grpc_client):
+    too_many = registry.UNET.max_batch_size + 1
+    with pytest.raises(InferenceFailed, match="batch"):
+        grpc_client.transport.infer(registry.UNET, _unet_inputs(grpc_client.info.dims, batch=too_many))
