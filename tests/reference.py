@@ -95,3 +95,286 @@ def text_to_image(
         ).images
     uint8 = (images * 255).round().astype(np.uint8)
     return uint8, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy(), list(draws)
+
+
+# -- the other Kandinsky 2.2 pipelines ---------------------------------------------------------------
+
+
+def _quiet(pipeline):
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(torch.float32)
+
+
+def load_img2img(root: Path):
+    from diffusers import KandinskyV22Img2ImgPipeline
+
+    return _quiet(KandinskyV22Img2ImgPipeline.from_pretrained(root / "decoder"))
+
+
+def load_inpaint(root: Path):
+    from diffusers import KandinskyV22InpaintPipeline
+
+    return _quiet(KandinskyV22InpaintPipeline.from_pretrained(root / "decoder_inpaint"))
+
+
+def load_emb2emb(root: Path):
+    from diffusers import KandinskyV22PriorEmb2EmbPipeline
+
+    return _quiet(KandinskyV22PriorEmb2EmbPipeline.from_pretrained(root / "prior"))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """A pipeline's output_type="np" images ([0, 1] floats) as the uint8 a PIL image would hold."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def _run(work) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Run `work()` -> (np images, image_embeds, negative_image_embeds) with every draw recorded."""
+    with recorded_noise() as draws, torch.inference_mode():
+        images, image_embeds, negative = work()
+    return to_uint8(images), np.asarray(image_embeds), np.asarray(negative), list(draws)
+
+
+def _decode(decoder, embeds, negative, *, height, width, decoder_steps, generator, guidance=4.0):
+    return decoder(
+        image_embeds=embeds,
+        negative_image_embeds=negative,
+        height=height,
+        width=width,
+        num_inference_steps=decoder_steps,
+        guidance_scale=guidance,
+        generator=generator,
+        output_type="np",
+    ).images
+
+
+def variations(prior, decoder, *, image, num_images, height, width, decoder_steps, seed=0):
+    """No diffusers pipeline does variations alone: the image embedding as `interpolate` computes it
+    for an image item (image processor + image encoder), the zero-image embedding as the negative."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        pixels = prior.image_processor(image, return_tensors="pt").pixel_values.to(prior.image_encoder.dtype)
+        embeds = prior.image_encoder(pixels)["image_embeds"].repeat(num_images, 1)
+        negative = prior.get_zero_embed(num_images)
+        images = _decode(
+            decoder,
+            embeds,
+            negative,
+            height=height,
+            width=width,
+            decoder_steps=decoder_steps,
+            generator=generator,
+        )
+        return images, embeds.numpy(), negative.numpy()
+
+    return _run(work)
+
+
+def fuse(
+    prior,
+    decoder,
+    *,
+    images_and_prompts,
+    weights,
+    height,
+    width,
+    prior_steps,
+    decoder_steps,
+    negative_prior_prompt=None,
+    negative_prompt="",
+    num_images_per_prompt=1,
+    seed=0,
+):
+    """KandinskyV22PriorPipeline.interpolate followed by KandinskyV22Pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        out = prior.interpolate(
+            images_and_prompts,
+            weights,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=prior_steps,
+            generator=generator,
+            negative_prior_prompt=negative_prior_prompt,
+            negative_prompt=negative_prompt,
+        )
+        images = _decode(
+            decoder,
+            out.image_embeds,
+            out.negative_image_embeds,
+            height=height,
+            width=width,
+            decoder_steps=decoder_steps,
+            generator=generator,
+        )
+        return images, out.image_embeds.numpy(), out.negative_image_embeds.numpy()
+
+    return _run(work)
+
+
+def image_to_image(
+    prior,
+    img2img,
+    *,
+    image,
+    prompt,
+    strength,
+    height,
+    width,
+    prior_steps,
+    decoder_steps,
+    negative_prompt=None,
+    num_images_per_prompt=1,
+    seed=0,
+):
+    """KandinskyV22PriorPipeline followed by KandinskyV22Img2ImgPipeline.
+
+    diffusers 0.42.1 calls `image_processor.preprocess(image, width, height)`, whose signature is
+    (image, height, width): it resizes to the transposed size. It is asked for (width, height) here so that
+    it resizes to (height, width), the size the served mode produces.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        embeds = prior(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=prior_steps,
+            generator=generator,
+        )
+        images = img2img(
+            image_embeds=embeds.image_embeds,
+            image=image,
+            negative_image_embeds=embeds.negative_image_embeds,
+            height=width,
+            width=height,
+            num_inference_steps=decoder_steps,
+            strength=strength,
+            generator=generator,
+            output_type="np",
+        ).images
+        return images, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy()
+
+    return _run(work)
+
+
+def emb2emb(
+    emb2emb_prior,
+    decoder,
+    *,
+    image,
+    prompt,
+    strength,
+    height,
+    width,
+    prior_steps,
+    decoder_steps,
+    negative_prompt=None,
+    num_images_per_prompt=1,
+    seed=0,
+):
+    """KandinskyV22PriorEmb2EmbPipeline followed by KandinskyV22Pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        out = emb2emb_prior(
+            prompt,
+            image=image,
+            strength=strength,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=prior_steps,
+            generator=generator,
+        )
+        images = _decode(
+            decoder,
+            out.image_embeds,
+            out.negative_image_embeds,
+            height=height,
+            width=width,
+            decoder_steps=decoder_steps,
+            generator=generator,
+        )
+        return images, out.image_embeds.numpy(), out.negative_image_embeds.numpy()
+
+    return _run(work)
+
+
+def inpaint(
+    prior,
+    inpaint_pipe,
+    *,
+    image,
+    mask_image,
+    prompt,
+    height,
+    width,
+    prior_steps,
+    decoder_steps,
+    negative_prompt=None,
+    num_images_per_prompt=1,
+    seed=0,
+):
+    """KandinskyV22PriorPipeline followed by KandinskyV22InpaintPipeline (PIL image and mask).
+
+    The inpainting pipeline needs one image per embedding (it concatenates them with the latents), so
+    the image and mask are repeated over the prior's batch; it blends with the first one only.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        embeds = prior(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=prior_steps,
+            generator=generator,
+        )
+        batch = len(embeds.image_embeds)
+        images = inpaint_pipe(
+            image_embeds=embeds.image_embeds,
+            image=[image] * batch,
+            mask_image=[mask_image] * batch,
+            negative_image_embeds=embeds.negative_image_embeds,
+            height=height,
+            width=width,
+            num_inference_steps=decoder_steps,
+            generator=generator,
+            output_type="np",
+        ).images
+        return images, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy()
+
+    return _run(work)
+
+
+# -- fixture images (made here, never committed) -----------------------------------------------------
+
+
+def picture(height: int, width: int, seed: int = 0):
+    """A deterministic RGB test image: colour gradients, a bright disc and a little noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    channels = [128 + 100 * np.sin(x / (5 + 3 * c) + y / (7 + c) + phase[c]) for c in range(3)]
+    image = np.stack(channels, axis=-1)
+    cy, cx = rng.uniform(0.3, 0.7, 2) * (height, width)
+    disc = (y - cy) ** 2 + (x - cx) ** 2 < (min(height, width) / 4) ** 2
+    image[disc] = rng.uniform(180, 255, 3)
+    image += rng.normal(0, 6, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8))
+
+
+def mask(height: int, width: int, box: tuple[int, int, int, int], seed: int = 0):
+    """An "L" mask (255 = repaint): a box (top, left, bottom, right) and a few stray repaint pixels."""
+    from PIL import Image
+
+    values = np.zeros((height, width), np.uint8)
+    top, left, bottom, right = box
+    values[top:bottom, left:right] = 255
+    rng = np.random.default_rng(seed)
+    values[rng.integers(0, height, 3), rng.integers(0, width, 3)] = 255
+    return Image.fromarray(values)

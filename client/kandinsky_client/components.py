@@ -262,6 +262,60 @@ DECODE_IMAGE = ServedModelSpec(
     steps=("movq_decoder", "postprocess_image"),
 )
 
+# uint8 RGB as image files hold it, any size: what the client sends and `decode_image` returns.
+_IMAGE_RGB = TensorSpec("image_rgb", "uint8", (BATCH, "height", "width", 3))
+
+PREPROCESS_CLIP_IMAGE = ServedModelSpec(
+    name="preprocess_clip_image",
+    description=(
+        "The checkpoint's CLIPImageProcessor on uint8 RGB of any size: shortest edge resized (bicubic), "
+        "center crop, rescale, CLIP mean/std (numpy + PIL, no transformers in the backend)."
+    ),
+    inputs=(_IMAGE_RGB,),
+    outputs=IMAGE_ENCODER.inputs,
+    max_batch_size=_IMAGES_CFG,
+)
+
+PREPROCESS_MOVQ_IMAGE = ServedModelSpec(
+    name="preprocess_movq_image",
+    description=(
+        "uint8 RGB already at the generation size (the client resizes, as diffusers does, with PIL) -> "
+        "[-1, 1] NCHW float, with diffusers' VaeImageProcessor arithmetic."
+    ),
+    inputs=(_IMAGE_RGB,),
+    outputs=MOVQ_ENCODER.inputs,
+    max_batch_size=_IMAGES_CFG,
+)
+
+ENCODE_IMAGE = ServedModelSpec(
+    name="encode_image",
+    description="Ensemble: uint8 RGB -> CLIP pre-processing -> image encoder -> image embedding.",
+    inputs=PREPROCESS_CLIP_IMAGE.inputs,
+    outputs=IMAGE_ENCODER.outputs,
+    max_batch_size=_IMAGES_CFG,
+    steps=("preprocess_clip_image", "image_encoder"),
+)
+
+ENCODE_LATENTS = ServedModelSpec(
+    name="encode_latents",
+    description="Ensemble: uint8 RGB -> [-1, 1] -> MoVQ encoder -> latents (img2img and inpainting).",
+    inputs=PREPROCESS_MOVQ_IMAGE.inputs,
+    outputs=MOVQ_ENCODER.outputs,
+    max_batch_size=_IMAGES_CFG,
+    steps=("preprocess_movq_image", "movq_encoder"),
+)
+
 SERVED_MODELS: dict[str, ServedModelSpec] = {
-    m.name: m for m in (TOKENIZER, PRIOR_POSTPROCESS, POSTPROCESS_IMAGE, ENCODE_PROMPT, DECODE_IMAGE)
+    m.name: m
+    for m in (
+        TOKENIZER,
+        PRIOR_POSTPROCESS,
+        POSTPROCESS_IMAGE,
+        PREPROCESS_CLIP_IMAGE,
+        PREPROCESS_MOVQ_IMAGE,
+        ENCODE_PROMPT,
+        DECODE_IMAGE,
+        ENCODE_IMAGE,
+        ENCODE_LATENTS,
+    )
 }

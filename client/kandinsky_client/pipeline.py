@@ -1,30 +1,42 @@
 """Kandinsky 2.2 generation over Triton: the prior and decoder loops, run on the client.
 
-The loops follow the diffusers pipelines step for step (`KandinskyV22PriorPipeline`,
-`KandinskyV22Pipeline`): same classifier-free guidance batch order ([uncond, cond]), same scheduler
-calls, same random draws in the same order. Each network evaluation is one Triton request.
+The loops follow the diffusers pipelines step for step (`KandinskyV22PriorPipeline` and its Emb2Emb
+variant, `KandinskyV22Pipeline` and its Img2Img and Inpaint variants): same classifier-free guidance
+batch order ([uncond, cond]), same scheduler calls, same random draws in the same order. Each network
+evaluation is one Triton request.
 
 There is one denoising loop (`denoise`); the modes differ only in the initial latents, the timesteps,
-how a step's model input is built and an optional blend after each step.
+how a step's model input is built and an optional blend after each step. This module holds the building
+blocks (`run_prior`, `run_decoder`, the encoders); the user-facing modes live in `modes.py` and are
+methods of `KandinskyClient` through the `GenerationModes` mixin.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from . import components as registry
 from .components import ModelDims
-from .noise import NoiseSource, SeededNoise
+from .errors import ModelNotReady
+from .modes import TEXT_TO_IMAGE_MODELS, Generation, GenerationModes
+from .noise import NoiseSource
 from .schedulers import scheduler_from_config
 from .transport import TritonTransport
-from .validation import TextToImageRequest
 
-TEXT_TO_IMAGE_MODELS = ["encode_prompt", "prior", "prior_postprocess", "unet", "decode_image"]
+__all__ = [
+    "TEXT_TO_IMAGE_MODELS",
+    "Generation",
+    "KandinskyClient",
+    "ServerInfo",
+    "apply_guidance",
+    "denoise",
+    "strength_timesteps",
+]
 
 
 @dataclass(frozen=True)
@@ -36,26 +48,24 @@ class ServerInfo:
     decoder_scheduler: dict
     max_image_size: int
     max_images_per_request: int
+    inpaint_scheduler: dict | None = None  # None when the repository has no inpainting UNet
 
     @classmethod
     def read(cls, transport: TritonTransport) -> ServerInfo:
         unet = transport.model_parameters("unet")
         prior = transport.model_parameters("prior")
+        try:
+            inpaint = transport.model_parameters("unet_inpaint").get("scheduler_config")
+        except ModelNotReady:
+            inpaint = None
         return cls(
             dims=ModelDims.from_dict(unet["kandinsky_dims"]),
             prior_scheduler=prior["scheduler_config"],
             decoder_scheduler=unet["scheduler_config"],
             max_image_size=int(unet["max_image_size"]),
             max_images_per_request=int(unet["max_images_per_request"]),
+            inpaint_scheduler=inpaint,
         )
-
-
-@dataclass
-class Generation:
-    images: list[Image.Image]
-    image_embeds: np.ndarray
-    negative_image_embeds: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, measured on the client
 
 
 def apply_guidance(output: np.ndarray, guidance_scale: float, channels: int | None = None) -> np.ndarray:
@@ -103,17 +113,38 @@ def denoise(
     return latents
 
 
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+    """How many steps a partial denoise runs: diffusers' get_timesteps, min(int(n * strength), n)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def strength_timesteps(timesteps: np.ndarray, num_inference_steps: int, strength: float) -> np.ndarray:
+    """The last `strength_steps` timesteps: image-to-image starts part way down the noise schedule."""
+    t_start = max(num_inference_steps - strength_steps(num_inference_steps, strength), 0)
+    return timesteps[t_start:]
+
+
 def _timestep_batch(t: int, batch: int) -> np.ndarray:
     return np.full((batch,), t, dtype=np.int64)
 
 
-class KandinskyClient:
-    """Generates images with a Kandinsky 2.2 model served by Triton (see the README for the server)."""
+def _add_time(timings: dict[str, float] | None, stage: str, start: float) -> None:
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+class KandinskyClient(GenerationModes):
+    """Generates images with a Kandinsky 2.2 model served by Triton (see the README for the server).
+
+    The generation modes (`text_to_image`, `variations`, `fuse`, `image_to_image`, `emb2emb`,
+    `inpaint`, `outpaint`) come from `GenerationModes`; the methods here are their building blocks.
+    """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 600.0) -> None:
         self.transport = TritonTransport(url, protocol, timeout_s)
         self.transport.check_live()
         self._info: ServerInfo | None = None
+        self._zero_image_embeds: np.ndarray | None = None
 
     @property
     def info(self) -> ServerInfo:
@@ -122,12 +153,39 @@ class KandinskyClient:
             self._info = ServerInfo.read(self.transport)
         return self._info
 
-    # -- building blocks -------------------------------------------------------------------------
+    # -- encoders --------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenizer + text encoder on the server: text_embeds, last_hidden_state, attention_mask."""
         raw = np.array([p.encode("utf-8") for p in prompts], dtype=np.object_).reshape(-1, 1)
         return self.transport.infer(registry.ENCODE_PROMPT, {"prompt": raw})
+
+    def encode_image(self, image_rgb: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """uint8 [batch, H, W, 3] -> CLIP image embeddings [batch, embed_dim] (pre-processed on the server)."""
+        start = time.perf_counter()
+        embeds = self.transport.infer(registry.ENCODE_IMAGE, {"image_rgb": image_rgb})["image_embeds"]
+        _add_time(timings, "encode_image", start)
+        return embeds
+
+    def encode_latents(self, image_rgb: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """uint8 [batch, H, W, 3] at the generation size -> MoVQ latents (no quantisation, no scaling)."""
+        start = time.perf_counter()
+        latents = self.transport.infer(registry.ENCODE_LATENTS, {"image_rgb": image_rgb})["latents"]
+        _add_time(timings, "encode_latents", start)
+        return latents
+
+    def zero_image_embeds(self, batch: int) -> np.ndarray:
+        """The negative image embedding diffusers uses without a negative prompt (a checkpoint constant).
+
+        `prior_postprocess` ships it; it is asked once, with a dummy latent, and cached.
+        """
+        if self._zero_image_embeds is None:
+            dummy = np.zeros((1, self.info.dims.embed_dim), np.float32)
+            out = self.transport.infer(registry.PRIOR_POSTPROCESS, {"latents": dummy})
+            self._zero_image_embeds = out["zero_image_embeds"]
+        return np.repeat(self._zero_image_embeds, batch, axis=0)
+
+    # -- prior -----------------------------------------------------------------------------------
 
     def run_prior(
         self,
@@ -138,11 +196,17 @@ class KandinskyClient:
         num_inference_steps: int,
         guidance_scale: float,
         noise: NoiseSource,
+        image_embeds: np.ndarray | None = None,
+        strength: float = 1.0,
         on_step: Callable[[], None] | None = None,
         timings: dict[str, float] | None = None,
     ) -> dict[str, np.ndarray]:
-        """KandinskyV22PriorPipeline's loop for `prompts`; returns image_embeds and zero_image_embeds."""
-        timings = timings if timings is not None else {}
+        """KandinskyV22PriorPipeline's loop for `prompts`; returns image_embeds and zero_image_embeds.
+
+        With `image_embeds` (KandinskyV22PriorEmb2EmbPipeline) the loop starts from that embedding, tiled
+        over the batch and noised at the first of the timesteps `strength` keeps, instead of from noise.
+        Like diffusers, the raw CLIP embedding is noised as it is (not normalised with clip_mean/std).
+        """
         do_cfg = guidance_scale > 1.0
         start = time.perf_counter()
         encoded = self.encode_prompts(list(uncond_prompts) + list(prompts) if do_cfg else list(prompts))
@@ -152,13 +216,23 @@ class KandinskyClient:
             "attention_mask": encoded["attention_mask"],
         }
         conditioning = {k: np.repeat(v, num_images_per_prompt, axis=0) for k, v in conditioning.items()}
-        timings["encode_prompt"] = timings.get("encode_prompt", 0.0) + time.perf_counter() - start
+        _add_time(timings, "encode_prompt", start)
 
         start = time.perf_counter()
         scheduler = scheduler_from_config(self.info.prior_scheduler)
         scheduler.set_timesteps(num_inference_steps)
-        batch = len(prompts) * num_images_per_prompt
-        latents = noise.randn((batch, self.info.dims.embed_dim)) * np.float32(scheduler.init_noise_sigma)
+        timesteps = scheduler.timesteps
+        shape = (len(prompts) * num_images_per_prompt, self.info.dims.embed_dim)
+        if image_embeds is None:
+            latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)
+        else:
+            timesteps = strength_timesteps(timesteps, num_inference_steps, strength)
+            if shape[0] % len(image_embeds):
+                raise ValueError(
+                    f"cannot tile {len(image_embeds)} image embeddings over a batch of {shape[0]}"
+                )
+            initial = np.tile(image_embeds, (shape[0] // len(image_embeds), 1))  # diffusers: cat([emb] * k)
+            latents = scheduler.add_noise(initial, noise.randn(shape), np.repeat(timesteps[:1], shape[0]))
 
         def predict(sample: np.ndarray, t: int) -> np.ndarray:
             model_input = np.concatenate([sample, sample]) if do_cfg else sample
@@ -173,40 +247,72 @@ class KandinskyClient:
             return apply_guidance(out, guidance_scale) if do_cfg else out
 
         latents = denoise(
-            latents, scheduler.timesteps, scheduler, predict, noise, pass_prev_timestep=True, on_step=on_step
+            latents, timesteps, scheduler, predict, noise, pass_prev_timestep=True, on_step=on_step
         )
         result = self.transport.infer(registry.PRIOR_POSTPROCESS, {"latents": latents})
-        timings["prior"] = timings.get("prior", 0.0) + time.perf_counter() - start
+        _add_time(timings, "prior", start)
         return result
 
     def prior_embeddings(
-        self, request: TextToImageRequest, noise: NoiseSource, on_step=None, timings=None
+        self,
+        prompts: Sequence[str],
+        negative_prompt: Sequence[str] | None,
+        *,
+        num_images_per_prompt: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        noise: NoiseSource,
+        image_embeds: np.ndarray | None = None,
+        strength: float = 1.0,
+        on_step: Callable[[], None] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Positive and negative image embeddings with diffusers' negative-prompt semantics.
 
         Without a negative prompt the negative embedding is the zero-image embedding. With one, the
         prior also runs on the negative prompts (guided by themselves) and that result is the negative.
+        `image_embeds`/`strength` select the Emb2Emb start (see `run_prior`).
         """
-        prompts = list(request.prompt)
-        if request.negative_prompt is None:
+        prompts = list(prompts)
+        if negative_prompt is None:
             uncond = [""] * len(prompts)
         else:
-            prompts = prompts + list(request.negative_prompt)
-            uncond = list(request.negative_prompt) * 2
+            prompts = prompts + list(negative_prompt)
+            uncond = list(negative_prompt) * 2
         out = self.run_prior(
             prompts,
             uncond,
-            num_images_per_prompt=request.num_images_per_prompt,
-            num_inference_steps=request.prior_steps,
-            guidance_scale=request.prior_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
             noise=noise,
+            image_embeds=image_embeds,
+            strength=strength,
             on_step=on_step,
             timings=timings,
         )
-        if request.negative_prompt is None:
+        if negative_prompt is None:
             return out["image_embeds"], out["zero_image_embeds"]
-        image_embeds, negative = np.split(out["image_embeds"], 2)
-        return image_embeds, negative
+        positive, negative = np.split(out["image_embeds"], 2)
+        return positive, negative
+
+    def skip_prior(self, batch: int, num_inference_steps: int, noise: NoiseSource) -> None:
+        """Consume the random draws of a prior run whose result diffusers computes and discards.
+
+        `KandinskyV22PriorPipeline.interpolate` always runs the prior on its `negative_prompt`, even when
+        it then returns the zero-image embedding. Skipping the network calls but not the draws keeps every
+        later draw (the decoder's) where diffusers has it: the scheduler runs on a constant prediction.
+        """
+        scheduler = scheduler_from_config(self.info.prior_scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        latents = noise.randn((batch, self.info.dims.embed_dim))
+
+        def constant(sample: np.ndarray, t: int) -> np.ndarray:
+            return np.zeros_like(sample)
+
+        denoise(latents, scheduler.timesteps, scheduler, constant, noise, pass_prev_timestep=True)
+
+    # -- decoder ---------------------------------------------------------------------------------
 
     def run_decoder(
         self,
@@ -218,20 +324,68 @@ class KandinskyClient:
         num_inference_steps: int,
         guidance_scale: float,
         noise: NoiseSource,
+        image_latents: np.ndarray | None = None,
+        strength: float = 1.0,
+        keep_mask: np.ndarray | None = None,
         on_step: Callable[[], None] | None = None,
         timings: dict[str, float] | None = None,
     ) -> np.ndarray:
-        """KandinskyV22Pipeline's loop from pure noise; returns the final latents."""
-        timings = timings if timings is not None else {}
+        """The decoder loop of KandinskyV22Pipeline and its variants; returns the final latents.
+
+        - text-to-image: from pure noise.
+        - `image_latents` + `strength` (KandinskyV22Img2ImgPipeline): timesteps cut by strength, the image
+          latents noised at the first one (one draw of the image's shape, broadcast over the batch).
+        - `image_latents` + `keep_mask` [1, 1, h, w], 1 = keep (KandinskyV22InpaintPipeline): the
+          inpainting UNet sees [latents, masked image latents, mask]; after each step the known region
+          is replaced by the image latents noised to the next timestep.
+        """
         start = time.perf_counter()
-        dims = self.info.dims
-        scheduler = scheduler_from_config(self.info.decoder_scheduler)
+        inpainting = keep_mask is not None
+        if inpainting and image_latents is None:
+            raise ValueError("inpainting needs image_latents with keep_mask")
+        spec = registry.UNET_INPAINT if inpainting else registry.UNET
+        scheduler_config = self.info.inpaint_scheduler if inpainting else self.info.decoder_scheduler
+        if scheduler_config is None:
+            raise ModelNotReady("the server has no inpainting UNet ('unet_inpaint' parameters missing)")
+        scheduler = scheduler_from_config(scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
-        shape = (len(image_embeds), dims.latent_channels, *self.latent_size(height, width))
-        latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)
-        predict = self._unet_predictor(registry.UNET, image_embeds, negative_image_embeds, guidance_scale)
-        latents = denoise(latents, scheduler.timesteps, scheduler, predict, noise, on_step=on_step)
-        timings["decoder"] = timings.get("decoder", 0.0) + time.perf_counter() - start
+        timesteps = scheduler.timesteps
+        batch = len(image_embeds)
+        shape = (batch, self.info.dims.latent_channels, *self.latent_size(height, width))
+        extra_channels = after_step = None
+
+        if image_latents is None or inpainting:
+            latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)
+        else:
+            timesteps = strength_timesteps(timesteps, num_inference_steps, strength)
+            draw = noise.randn(image_latents.shape)
+            latents = scheduler.add_noise(image_latents, draw, np.repeat(timesteps[:1], batch))
+            latents = np.ascontiguousarray(np.broadcast_to(latents, shape))
+
+        if inpainting:
+            known, keep = image_latents[:1], keep_mask[:1].astype(np.float32)
+            masked_image = image_latents * keep
+            initial_noise = latents.copy()  # diffusers: noise = torch.clone(latents)
+
+            def extra_channels(model_input: np.ndarray) -> np.ndarray:
+                n = len(model_input)
+                tiled = [np.broadcast_to(a, (n, *a.shape[1:])) for a in (masked_image, keep)]
+                return np.concatenate([model_input, *tiled], axis=1)
+
+            def after_step(latents: np.ndarray, i: int) -> np.ndarray:
+                # The final step restores the un-noised image, so diffusers' blend after the loop is a no-op.
+                original = known
+                if i < len(timesteps) - 1:
+                    original = scheduler.add_noise(known, initial_noise, timesteps[i + 1 : i + 2])
+                return keep * original + (np.float32(1.0) - keep) * latents
+
+        predict = self._unet_predictor(
+            spec, image_embeds, negative_image_embeds, guidance_scale, extra_channels, scheduler_config
+        )
+        latents = denoise(
+            latents, timesteps, scheduler, predict, noise, after_step=after_step, on_step=on_step
+        )
+        _add_time(timings, "decoder", start)
         return latents
 
     def _unet_predictor(
@@ -241,12 +395,14 @@ class KandinskyClient:
         negative_image_embeds: np.ndarray,
         guidance_scale: float,
         extra_channels: Callable[[np.ndarray], np.ndarray] | None = None,
+        scheduler_config: dict | None = None,
     ) -> Callable[[np.ndarray, int], np.ndarray]:
         """One guided UNet evaluation per call; `extra_channels` appends inpainting's mask channels."""
         do_cfg = guidance_scale > 1.0
         embeds = np.concatenate([negative_image_embeds, image_embeds]) if do_cfg else image_embeds
         channels = self.info.dims.latent_channels
-        learned_variance = self.info.decoder_scheduler.get("variance_type") in ("learned", "learned_range")
+        config = scheduler_config if scheduler_config is not None else self.info.decoder_scheduler
+        learned_variance = config.get("variance_type") in ("learned", "learned_range")
 
         def predict(sample: np.ndarray, t: int) -> np.ndarray:
             model_input = np.concatenate([sample, sample]) if do_cfg else sample
@@ -271,69 +427,13 @@ class KandinskyClient:
     ) -> list[Image.Image]:
         start = time.perf_counter()
         rgb = self.transport.infer(registry.DECODE_IMAGE, {"latents": latents})["image_rgb"]
-        if timings is not None:
-            timings["decode_image"] = timings.get("decode_image", 0.0) + time.perf_counter() - start
+        _add_time(timings, "decode_image", start)
         return [Image.fromarray(image) for image in rgb]
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """diffusers' downscale_height_and_width: ceil(side / scale**2) * scale."""
         scale = self.info.dims.movq_scale_factor
         return (-(-height // scale**2) * scale, -(-width // scale**2) * scale)
-
-    # -- modes -----------------------------------------------------------------------------------
-
-    def text_to_image(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_images_per_prompt: int = 1,
-        height: int = 512,
-        width: int = 512,
-        prior_steps: int = 25,
-        prior_guidance_scale: float = 4.0,
-        decoder_steps: int = 50,
-        decoder_guidance_scale: float = 4.0,
-        seed: int | None = None,
-        noise: NoiseSource | None = None,
-        on_step: Callable[[], None] | None = None,
-    ) -> Generation:
-        """Prompt(s) -> images, as KandinskyV22PriorPipeline followed by KandinskyV22Pipeline.
-
-        `noise` overrides `seed` (parity tests replay the reference's draws through it).
-        """
-        request = TextToImageRequest.build(
-            self.info,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            height=height,
-            width=width,
-            prior_steps=prior_steps,
-            prior_guidance_scale=prior_guidance_scale,
-            decoder_steps=decoder_steps,
-            decoder_guidance_scale=decoder_guidance_scale,
-            seed=seed,
-        )
-        self.transport.require_ready(TEXT_TO_IMAGE_MODELS)
-        noise = noise or SeededNoise(request.seed)
-        timings: dict[str, float] = {}
-        total = time.perf_counter()
-        image_embeds, negative = self.prior_embeddings(request, noise, on_step, timings)
-        latents = self.run_decoder(
-            image_embeds,
-            negative,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.decoder_steps,
-            guidance_scale=request.decoder_guidance_scale,
-            noise=noise,
-            on_step=on_step,
-            timings=timings,
-        )
-        images = self.decode_latents(latents, timings)
-        timings["total"] = time.perf_counter() - total
-        return Generation(images, image_embeds, negative, timings)
 
     def close(self) -> None:
         self.transport.close()

@@ -102,6 +102,22 @@ class TritonTransport:
                 parameters[key] = text
         return parameters
 
+    def inference_statistics(self, model: str = "") -> dict[str, Any]:
+        """Triton's cumulative per-model statistics (all models when `model` is ""), as JSON.
+
+        Both protocols return the same layout: {"model_stats": [{"name", "inference_stats": {"queue":
+        {"count", "ns"}, "compute_infer": ...}, "batch_stats": [...]}, ...]}; gRPC's 64-bit counters come
+        back as strings. Benchmarks take deltas of these around a measured window.
+        """
+        try:
+            if self.protocol == "grpc":
+                return self._client.get_inference_statistics(model, as_json=True)
+            return self._client.get_inference_statistics(model)
+        except InferenceServerException as error:
+            raise ModelNotReady(
+                f"cannot read the statistics of '{model or 'all models'}': {error.message()}"
+            ) from error
+
     def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `spec.name` on `inputs` (keyed by the spec's input names); return every declared output."""
         requests = []

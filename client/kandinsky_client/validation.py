@@ -2,6 +2,7 @@
 
 Every failure is an `InvalidRequest` naming the argument and its valid values. Limits come from the
 served checkpoint (`ServerInfo`): image sides must be multiples of what its MoVQ and UNet need.
+Image and mask contents are checked where they are read (`images.py`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,137 @@ def steps(field: str, value: Any, scheduler_config: dict, low: int = 1) -> int:
     return integer(field, value, low, int(scheduler_config.get("num_train_timesteps", 1000)))
 
 
+def seed(value: Any) -> int | None:
+    return None if value is None else integer("seed", value, 0, 2**63 - 1)
+
+
+def images_per_request(field: str, value: Any, info: ServerInfo, prompts: int = 1) -> int:
+    per_prompt = integer(field, value, 1, info.max_images_per_request)
+    if prompts * per_prompt > info.max_images_per_request:
+        raise InvalidRequest(
+            field,
+            f"{prompts} prompts x {per_prompt} images = {prompts * per_prompt}; "
+            f"at most {info.max_images_per_request} images per request",
+        )
+    return per_prompt
+
+
+def strength(field: str, value: Any, num_steps: int) -> float:
+    """A strength in (0, 1] that keeps at least one of `num_steps` steps.
+
+    diffusers' get_timesteps keeps int(num_steps * strength) steps; with none there is no timestep to
+    noise the input at and no step to run, so such a strength is refused rather than passed on.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(field, f"must be a finite number in (0, 1], got {value!r}")
+    if not 0.0 < value <= 1.0:
+        raise InvalidRequest(field, f"is {value}; valid values are (0, 1]")
+    if int(num_steps * value) < 1:
+        raise InvalidRequest(
+            field,
+            f"is {value}: with {num_steps} steps that keeps int({num_steps} x {value}) = 0 denoising steps; "
+            f"valid values are [{1 / num_steps:.4g}, 1] for {num_steps} steps",
+        )
+    return float(value)
+
+
+def output_size(info: ServerInfo, height: Any, width: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Requested (height, width), each defaulting to the input image's side (image_size is (w, h))."""
+    sides = []
+    for field, value, from_image in (("height", height, image_size[1]), ("width", width, image_size[0])):
+        if value is not None:
+            sides.append(image_side(field, value, info))
+            continue
+        try:
+            sides.append(image_side(field, from_image, info))
+        except InvalidRequest as error:
+            raise InvalidRequest(
+                field,
+                f"defaults to the image's {field}, {from_image}, which is not valid "
+                f"({str(error).split(': ', 1)[1]}); pass {field} explicitly",
+            ) from None
+    return sides[0], sides[1]
+
+
+def outpaint_margins(
+    info: ServerInfo, image_size: tuple[int, int], left: Any, top: Any, right: Any, bottom: Any
+) -> tuple[int, int, int, int]:
+    """Pixels added on each side: >= 0, at least one > 0, and a canvas within the maximum image size."""
+    margins = {
+        name: integer(name, value, 0)
+        for name, value in zip(("left", "top", "right", "bottom"), (left, top, right, bottom), strict=True)
+    }
+    if not any(margins.values()):
+        raise InvalidRequest("left, top, right, bottom", "are all 0; extend at least one side by >= 1 pixel")
+    largest = info.max_image_size
+    for fields, side, size in (
+        ("left, right", "width", image_size[0]),
+        ("top, bottom", "height", image_size[1]),
+    ):
+        first, second = fields.split(", ")
+        canvas = size + margins[first] + margins[second]
+        if canvas > largest:
+            room = (
+                f"{first} + {second} <= {largest - size}"
+                if size <= largest
+                else "none: shrink the image first"
+            )
+            raise InvalidRequest(
+                fields,
+                f"image {side} {size} + {first} {margins[first]} + {second} {margins[second]} = {canvas} "
+                f"exceeds the maximum image size {largest}; valid: {room}",
+            )
+    return margins["left"], margins["top"], margins["right"], margins["bottom"]
+
+
+def fusion_inputs(images_and_prompts: Any, weights: Any) -> tuple[list[Any], list[float]]:
+    """A non-empty list of prompts/images and one finite weight >= 0 per item, not all zero."""
+    if (
+        not isinstance(images_and_prompts, Sequence)
+        or isinstance(images_and_prompts, str | bytes)
+        or len(images_and_prompts) == 0
+    ):
+        raise InvalidRequest("images_and_prompts", "must be a non-empty list of prompts (str) and images")
+    if not isinstance(weights, Sequence) or isinstance(weights, str | bytes) or len(weights) == 0:
+        raise InvalidRequest("weights", "must be a non-empty list of numbers >= 0, one per item")
+    if len(weights) != len(images_and_prompts):
+        raise InvalidRequest(
+            "weights",
+            f"has {len(weights)} entries for {len(images_and_prompts)} images_and_prompts; give one per item",
+        )
+    checked = []
+    for i, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise InvalidRequest(f"weights[{i}]", f"must be a finite number >= 0, got {weight!r}")
+        if weight < 0:
+            raise InvalidRequest(f"weights[{i}]", f"is {weight}; valid values are >= 0")
+        checked.append(float(weight))
+    if not any(checked):
+        raise InvalidRequest("weights", "are all 0; at least one weight must be > 0")
+    return list(images_and_prompts), checked
+
+
+@dataclass(frozen=True)
+class DecoderRequest:
+    """The decoder arguments of the modes without a text prompt (variations, fusion)."""
+
+    height: int
+    width: int
+    decoder_steps: int
+    decoder_guidance_scale: float
+    seed: int | None
+
+    @classmethod
+    def build(cls, info: ServerInfo, **kwargs: Any) -> DecoderRequest:
+        return cls(
+            height=image_side("height", kwargs["height"], info),
+            width=image_side("width", kwargs["width"], info),
+            decoder_steps=steps("decoder_steps", kwargs["decoder_steps"], info.decoder_scheduler),
+            decoder_guidance_scale=number("decoder_guidance_scale", kwargs["decoder_guidance_scale"]),
+            seed=seed(kwargs.get("seed")),
+        )
+
+
 @dataclass(frozen=True)
 class TextToImageRequest:
     prompt: list[str]
@@ -91,16 +223,9 @@ class TextToImageRequest:
                     "negative_prompt",
                     f"has {len(negative)} entries for {len(prompt)} prompts; give one, or one per prompt",
                 )
-        per_prompt = integer(
-            "num_images_per_prompt", kwargs["num_images_per_prompt"], 1, info.max_images_per_request
+        per_prompt = images_per_request(
+            "num_images_per_prompt", kwargs["num_images_per_prompt"], info, len(prompt)
         )
-        if len(prompt) * per_prompt > info.max_images_per_request:
-            raise InvalidRequest(
-                "num_images_per_prompt",
-                f"{len(prompt)} prompts x {per_prompt} images = {len(prompt) * per_prompt}; "
-                f"at most {info.max_images_per_request} images per request",
-            )
-        seed = kwargs.get("seed")
         return cls(
             prompt=prompt,
             negative_prompt=negative,
@@ -111,5 +236,5 @@ class TextToImageRequest:
             prior_guidance_scale=number("prior_guidance_scale", kwargs["prior_guidance_scale"]),
             decoder_steps=steps("decoder_steps", kwargs["decoder_steps"], info.decoder_scheduler),
             decoder_guidance_scale=number("decoder_guidance_scale", kwargs["decoder_guidance_scale"]),
-            seed=None if seed is None else integer("seed", seed, 0, 2**63 - 1),
+            seed=seed(kwargs.get("seed")),
         )

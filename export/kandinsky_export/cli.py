@@ -1,20 +1,26 @@
-"""`kandinsky-export`: checkpoints -> ONNX bundle (-> TensorRT engines where TensorRT exists).
+"""`kandinsky-export`: checkpoints -> ONNX bundle -> FP16 variants -> TensorRT engines.
 
     kandinsky-export checkpoint --preset tiny --output artifacts/tiny/checkpoint
     kandinsky-export onnx --checkpoint artifacts/tiny/checkpoint --output artifacts/tiny/onnx
     kandinsky-export onnx --prior kandinsky-community/kandinsky-2-2-prior \\
         --decoder kandinsky-community/kandinsky-2-2-decoder --output artifacts/released/onnx
+    kandinsky-export fp16 --bundle artifacts/released/onnx
+    kandinsky-export engines --bundle artifacts/released/onnx            # needs TensorRT and a GPU
+    kandinsky-export engines --bundle artifacts/released/onnx --static 768x768
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
 from pathlib import Path
 
 from .checkpoint import Checkpoint
+from .fp16 import FP16_TOLERANCE, FUSION_SETS
 from .presets import PRESETS, write_preset_checkpoint
+from .tensorrt_engine import PRECISIONS, TIMING_CACHE, ProfileSettings
 
 
 def _checkpoint_from_args(args: argparse.Namespace) -> Checkpoint:
@@ -44,6 +50,60 @@ def main(argv: list[str] | None = None) -> int:
     onnx.add_argument("--components", nargs="*", help="subset of components (default: all present)")
     onnx.add_argument("--output", type=Path, required=True)
 
+    half = sub.add_parser(
+        "fp16", help="optimise and convert the bundle's components to FP16, measure the error"
+    )
+    half.add_argument(
+        "--bundle", type=Path, required=True, help="export bundle (kandinsky-export onnx output)"
+    )
+    half.add_argument("--components", nargs="*", help="subset of components (default: all in the bundle)")
+    half.add_argument(
+        "--fusions",
+        choices=FUSION_SETS,
+        default="portable",
+        help="portable: standard ONNX ops only (TensorRT, any provider); cuda: ONNX Runtime CUDA-only fusions",
+    )
+    half.add_argument(
+        "--keep-fp32",
+        nargs="*",
+        metavar="OP",
+        help="operator types kept in FP32 (default: measured, from none up to normalisations and reductions)",
+    )
+    half.add_argument(
+        "--providers",
+        nargs="+",
+        default=["CPUExecutionProvider"],
+        help="ONNX Runtime providers the FP16 graph is checked on (cuda fusions need CUDAExecutionProvider)",
+    )
+    half.add_argument("--check-size", type=_size, help="HEIGHTxWIDTH of the check (default: the export's)")
+    half.add_argument("--tolerance", type=float, default=FP16_TOLERANCE, help="max error / output scale")
+    half.add_argument("--force", action="store_true", help="convert even if the variant is current")
+    half.add_argument("--strict", action="store_true", help="exit 1 when a component falls back to FP32")
+
+    eng = sub.add_parser("engines", help="build TensorRT engines from the bundle (needs tensorrt and a GPU)")
+    eng.add_argument("--bundle", type=Path, required=True)
+    eng.add_argument("--components", nargs="*", help="subset of components (default: all in the bundle)")
+    eng.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="default",
+        help="default: the bundle's measured choice per component; fp16: the FP16 ONNX, strongly typed; "
+        "fp32: FP32 ONNX (TF32); mixed: FP32 ONNX with TensorRT's FP16 flag",
+    )
+    defaults = ProfileSettings()
+    eng.add_argument("--min-size", type=int, default=defaults.min_size, help="smallest image side (px)")
+    eng.add_argument("--opt-size", type=int, default=defaults.opt_size, help="image side tuned for (px)")
+    eng.add_argument("--max-size", type=int, default=defaults.max_size, help="largest image side (px)")
+    eng.add_argument("--size-step", type=int, default=defaults.size_step, help="image side step (px)")
+    eng.add_argument("--static", type=_size, help="HEIGHTxWIDTH: engines for this one size (CUDA graphs)")
+    eng.add_argument("--timing-cache", type=Path, help=f"default: <bundle>/{TIMING_CACHE}")
+    eng.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level (0-5)")
+    eng.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit (default: TensorRT's)")
+    eng.add_argument("--force", action="store_true", help="rebuild even when the sidecar matches")
+    eng.add_argument(
+        "--dry-run", action="store_true", help="print profiles and rebuild decisions; build nothing"
+    )
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", module=r"torch\..*")
@@ -58,4 +118,96 @@ def main(argv: list[str] | None = None) -> int:
         reports = export_bundle(_checkpoint_from_args(args), args.output, args.components)
         print("\n".join(r.line() for r in reports))
         print(f"wrote ONNX bundle to {args.output}")
+    elif args.command == "fp16":
+        return _fp16(args)
+    elif args.command == "engines":
+        return _engines(args)
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """ "768x768" -> (768, 768): height x width in pixels."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, got '{text}'") from error
+    return height, width
+
+
+def _fp16(args: argparse.Namespace) -> int:
+    from .fp16 import convert_bundle
+
+    results = convert_bundle(
+        args.bundle,
+        args.components,
+        fusion_set=args.fusions,
+        op_block_list=args.keep_fp32,
+        providers=args.providers,
+        check_size=args.check_size,
+        tolerance=args.tolerance,
+        force=args.force,
+    )
+    for result in results:
+        print("\n".join(result.lines()))
+    fallback = [r.component for r in results if r.default_precision != "fp16"]
+    if fallback:
+        print(f"FP16 failed its check for {', '.join(fallback)}: the GPU flavours serve FP32 for them")
+    print(f"FP16 variants recorded in {args.bundle}/manifest.json ({len(results)} converted)")
+    return 1 if fallback and args.strict else 0
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from .tensorrt_engine import BuildOptions, ProfileSettings, build_engines, plan_engines
+
+    settings = ProfileSettings(
+        min_size=args.min_size,
+        opt_size=args.opt_size,
+        max_size=args.max_size,
+        size_step=args.size_step,
+        static_size=args.static,
+    )
+    options = BuildOptions(
+        builder_optimization_level=args.opt_level,
+        workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache,
+    )
+    if args.dry_run:
+        from .tensorrt_engine import gpu_identity, tensorrt_version
+
+        try:
+            version = tensorrt_version()
+        except RuntimeError:
+            version = "not installed"
+        try:
+            gpu = gpu_identity()
+        except RuntimeError:
+            gpu = {"name": "none", "compute_capability": "none"}
+        plans = plan_engines(
+            args.bundle,
+            args.components,
+            settings=settings,
+            precision=args.precision,
+            trt_version=version,
+            gpu=gpu,
+            options=options,
+        )
+        for component, expected, reason in plans:
+            source = expected["source"]
+            print(f"{component}: {source['precision']} from {source['path']}; {reason or 'up to date'}")
+            for name, shapes in expected["profile"]["inputs"].items():
+                print(f"    {name:>22s}: min {shapes['min']} opt {shapes['opt']} max {shapes['max']}")
+        return 0
+    try:
+        results = build_engines(
+            args.bundle,
+            args.components,
+            settings=settings,
+            precision=args.precision,
+            options=options,
+            force=args.force,
+        )
+    except RuntimeError as error:  # no TensorRT, no GPU, a failed parse or build: say which
+        print(f"kandinsky-export engines: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(r.line() for r in results))
     return 0

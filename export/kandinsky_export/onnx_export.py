@@ -5,15 +5,18 @@ The bundle is everything the model-repository generator needs, and nothing that 
     <out>/manifest.json                 dims, scheduler configs, per-component files and parity
     <out>/<component>/model.onnx        (+ model.onnx_data when the graph is over 2 GB)
     <out>/tokenizer/                    the checkpoint's tokenizer files
+    <out>/image_processor/              the checkpoint's CLIPImageProcessor config (preprocessor_config.json)
     <out>/prior_postprocess/*.npy       clip_mean, clip_std, and the zero-image embedding
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,8 @@ def save_onnx(model_path: Path) -> None:
         )
     else:
         onnx.save_model(model, str(model_path))
+    for written in model_path.parent.iterdir():
+        written.chmod(0o644)  # onnx writes external data 0600; a server running as another user must read it
 
 
 def export_component(
@@ -157,7 +162,10 @@ def export_component(
     target = target_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
         tmp_model = Path(tmp) / "model.onnx"
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # Shape-dependent Python branches are traced as constants; the parity check below, at
+            # another batch and size, is what shows the graph generalises.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 wrapper,
                 tuple(to_torch(trace_inputs).values()),
@@ -207,6 +215,20 @@ def export_tokenizer(checkpoint: Checkpoint, out_dir: Path) -> None:
     checkpoint.load_tokenizer().save_pretrained(Path(out_dir) / "tokenizer")
 
 
+IMAGE_PROCESSOR_CONFIG = "image_processor/preprocessor_config.json"
+
+
+def export_image_processor(checkpoint: Checkpoint, out_dir: Path) -> None:
+    """The prior's CLIPImageProcessor config, as the checkpoint holds it (read by `preprocess_clip_image`).
+
+    Copied as JSON rather than re-saved through transformers, whose writer may add or rename keys.
+    """
+    target = Path(out_dir) / IMAGE_PROCESSOR_CONFIG
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = checkpoint.read_json("prior", IMAGE_PROCESSOR_CONFIG)
+    target.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_bundle(
     checkpoint: Checkpoint,
     out_dir: Path,
@@ -224,6 +246,7 @@ def export_bundle(
         reports += component_reports
     export_constants(checkpoint, out_dir)
     export_tokenizer(checkpoint, out_dir)
+    export_image_processor(checkpoint, out_dir)
     write_manifest(checkpoint, out_dir, wanted, reports)
     failed = [r for r in reports if not r.passed]
     if failed:
@@ -252,6 +275,34 @@ def write_manifest(
             "parity": [asdict(r) for r in reports if r.component == component],
         }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def write_manifest_entry(bundle: Path, component: str, **values: Any) -> None:
+    """Add to one component's manifest entry (a later step: FP16 variants, engines); dicts are merged."""
+    path = Path(bundle) / MANIFEST
+    manifest = read_manifest(bundle)
+    entry = manifest["components"][component]
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key] = {**entry[key], **value}
+        else:
+            entry[key] = value
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def onnx_digest(model_path: Path) -> str:
+    """sha256 of an ONNX file and its external data: names the graph an FP16 file or engine came from."""
+    model_path = Path(model_path)
+    digest = hashlib.sha256()
+    data = sorted(p for p in model_path.parent.glob(f"{model_path.name}_data*") if p.is_file())
+    for path in (model_path, *data):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:

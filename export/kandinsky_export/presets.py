@@ -205,7 +205,7 @@ PRESETS: dict[str, Preset] = {
             **_UNET_BLOCKS,
             "block_out_channels": [96, 192, 288, 384],
             "layers_per_block": 3,
-            "attention_head_dim": 64,
+            "attention_head_dim": 48,  # divides every block width (64 would not divide 96 or 288)
             "cross_attention_dim": 192,
             "encoder_hid_dim": 256,
             "addition_embed_type_num_heads": 64,

@@ -18,6 +18,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="instances per network model")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="cpu flavour: ONNX Runtime threads")
     parser.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batching window")
+    parser.add_argument(
+        "--precision",
+        choices=("default", "fp16", "fp32"),
+        default="default",
+        help="onnxruntime flavour: ONNX variant served (default: the bundle's measured choice per component)",
+    )
+    parser.add_argument(
+        "--ort-tensorrt", action="store_true", help="onnxruntime flavour: TensorRT accelerator"
+    )
+    parser.add_argument(
+        "--ort-trt-cache-dir", default="", help="its engine cache (default: per model folder)"
+    )
+    parser.add_argument("--no-warmup", action="store_true", help="GPU flavours: no warm-up request at load")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="tensorrt flavour: no CUDA graphs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = RepositoryOptions(
@@ -26,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         instances=args.instances,
         intra_op_threads=args.intra_op_threads,
         max_queue_delay_us=args.max_queue_delay_us,
+        precision=args.precision,
+        ort_tensorrt=args.ort_tensorrt,
+        ort_trt_cache_dir=args.ort_trt_cache_dir,
+        warmup=not args.no_warmup,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     models = generate_repository(args.bundle, args.output, options)
     print(f"wrote {len(models)} models to {args.output}: {', '.join(models)}")

@@ -53,6 +53,8 @@ _PYTHON_MODELS = {
     "tokenizer": "tokenizer:TritonPythonModel",
     "prior_postprocess": "postprocess:PriorPostprocess",
     "postprocess_image": "postprocess:PostprocessImage",
+    "preprocess_clip_image": "preprocess:PreprocessClipImage",
+    "preprocess_movq_image": "preprocess:PreprocessMovqImage",
 }
 _ONNX_RUNNER = "onnx_runner:TritonPythonModel"
 
@@ -64,6 +66,12 @@ class RepositoryOptions:
     instances: int = 1
     intra_op_threads: int = 0  # cpu flavour: ONNX Runtime threads per model (0: its default)
     max_queue_delay_us: int = 0  # dynamic batching window for the per-step models
+    # GPU flavours (see gpu_backends.py):
+    precision: str = "default"  # onnxruntime: ONNX variant served (default: the bundle's measured choice)
+    ort_tensorrt: bool = False  # onnxruntime: add ONNX Runtime's TensorRT execution accelerator
+    ort_trt_cache_dir: str = ""  # its engine cache ("": <repository>/<model>/trt_cache)
+    warmup: bool = True  # one warm-up request per network model at load
+    cuda_graphs: bool = True  # tensorrt: CUDA graphs for engines with static image sizes
 
 
 def dtype_enum(dtype: str) -> int:
@@ -215,7 +223,9 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             for source in files:
                 place_file(source, version_dir / source.name)
         else:
-            configure_gpu_component(config, spec, dims, files, version_dir, options)
+            configure_gpu_component(
+                config, spec, dims, bundle / name, manifest["components"][name], version_dir, options
+            )
         write_config(output / name, config)
 
     for name, entry_point in _PYTHON_MODELS.items():
@@ -226,6 +236,10 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         write_config(output / name, config)
         write_python_entry_point(output / name / "1", entry_point)
     shutil.copytree(bundle / "tokenizer", output / "tokenizer" / "1" / "tokenizer")
+    clip_config = bundle / "image_processor" / "preprocessor_config.json"
+    if not clip_config.is_file():
+        raise FileNotFoundError(f"{clip_config} not found: re-run `kandinsky-export onnx` (writes it)")
+    place_file(clip_config, output / "preprocess_clip_image" / "1" / "image_processor" / clip_config.name)
     for constant in sorted((bundle / "prior_postprocess").glob("*.npy")):
         place_file(constant, output / "prior_postprocess" / "1" / constant.name)
 

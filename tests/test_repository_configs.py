@@ -1,0 +1,331 @@
+"""Every flavour of the generated repository, parsed back as Triton's ModelConfig protobuf and checked
+against the exported ONNX graphs (read with the onnx package), the engine profiles and the registry.
+
+The tensorrt flavour needs engines, which need TensorRT and a GPU; here it is generated from a copy
+of the bundle holding placeholder `model.plan` files whose sidecars come from the real (pure Python)
+profile and metadata code, so everything but the engine bytes is what a GPU build records.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from kandinsky_client.components import COMPONENTS, SERVED_MODELS, ComponentSpec
+from kandinsky_repository.generate import (
+    RepositoryOptions,
+    dtype_enum,
+    generate_repository,
+    read_config,
+)
+from tritonclient.grpc import model_config_pb2 as mc
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+FP16_COMPONENTS = ("unet", "movq_decoder")
+STATIC_COMPONENT, STATIC_SIZE = "movq_decoder", (768, 768)
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny bundle with FP16 variants for some components (the rest stay FP32)."""
+    from kandinsky_export.fp16 import convert_bundle
+
+    bundle = tmp_path_factory.mktemp("gpu") / "bundle"
+    shutil.copytree(tiny_bundle[0], bundle)
+    convert_bundle(bundle, list(FP16_COMPONENTS))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy with placeholder engines: dynamic profiles, and one static component."""
+    from kandinsky_export.tensorrt_engine import (
+        ENGINE_DIR,
+        ENGINE_FILE,
+        BuildOptions,
+        ProfileSettings,
+        plan_engines,
+        record_engine,
+    )
+
+    bundle = tmp_path_factory.mktemp("engines") / "bundle"
+    shutil.copytree(gpu_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    common = {
+        "precision": "default",
+        "trt_version": "10.8.0.43",
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+        "options": BuildOptions(),
+        "digest": lambda path: "placeholder",
+    }
+    dynamic = [c for c in manifest["components"] if c != STATIC_COMPONENT]
+    plans = plan_engines(bundle, dynamic, settings=ProfileSettings(), **common)
+    plans += plan_engines(
+        bundle, [STATIC_COMPONENT], settings=ProfileSettings(static_size=STATIC_SIZE), **common
+    )
+    for component, expected, _ in plans:
+        spec = COMPONENTS[component]
+        io = {t.name: _trt_dtype(t.dtype) for t in (*spec.inputs, *spec.outputs)}
+        engine = bundle / component / ENGINE_DIR / ENGINE_FILE
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        engine.write_bytes(f"placeholder engine for {component}".encode())
+        record_engine(bundle, component, {**expected, "io_dtypes": io})
+    return bundle
+
+
+def _trt_dtype(dtype: str) -> str:
+    return {"float32": "FLOAT", "int64": "INT64", "bool": "BOOL"}[dtype]
+
+
+def _generate(bundle: Path, out: Path, **options) -> Path:
+    generate_repository(bundle, out, RepositoryOptions(**options))
+    return out
+
+
+@pytest.fixture(scope="module")
+def repositories(gpu_bundle: Path, engine_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("repos")
+    return {
+        "cpu": _generate(gpu_bundle, root / "cpu", flavour="cpu"),
+        "onnxruntime": _generate(gpu_bundle, root / "onnxruntime", flavour="onnxruntime", ort_tensorrt=True),
+        "tensorrt": _generate(engine_bundle, root / "tensorrt", flavour="tensorrt"),
+    }
+
+
+def _onnx_io(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (registry dtype, shape with -1 for symbolic axes) of a graph's inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    out = {}
+    for value in (*graph.input, *graph.output):
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        out[value.name] = (_ONNX_DTYPES[tensor.elem_type], shape)
+    return out
+
+
+def _check_against_onnx(
+    config: mc.ModelConfig, onnx_path: Path, spec: ComponentSpec, profile: dict | None = None
+) -> None:
+    """Names, types and per-item shapes of the config match the ONNX graph (and engine profile)."""
+    graph_io = _onnx_io(onnx_path)
+    messages = list(config.input) + list(config.output)
+    assert [m.name for m in messages] == [t.name for t in (*spec.inputs, *spec.outputs)]
+    assert set(graph_io) == {m.name for m in messages}
+    for message in messages:
+        dtype, shape = graph_io[message.name]
+        assert message.data_type == dtype_enum(dtype), message.name
+        assert shape[0] == -1, f"{message.name}: the batch axis must be dynamic for max_batch_size > 0"
+        per_item = shape[1:]
+        if not per_item:  # a scalar per item (the timestep): Triton dims [1], reshaped away
+            assert list(message.dims) == [1] and message.HasField("reshape")
+            assert list(message.reshape.shape) == []
+            continue
+        assert len(message.dims) == len(per_item), message.name
+        for axis, (got, onnx_dim) in enumerate(zip(message.dims, per_item, strict=True)):
+            if onnx_dim != -1:
+                assert got == onnx_dim, (message.name, axis)
+            elif profile is not None and message.name in profile:  # engine input: the profile decides
+                low, high = profile[message.name]["min"][axis + 1], profile[message.name]["max"][axis + 1]
+                assert got == (low if low == high else -1), (message.name, axis)
+            # else: the exporter left the axis symbolic; `_check_by_running` checks a fixed config dim
+
+
+def _check_by_running(config: mc.ModelConfig, onnx_path: Path, bundle: Path, batch: int, size: int) -> None:
+    """Run the graph (ONNX Runtime, CPU) at one size: every output matches the config's fixed dims."""
+    from kandinsky_client.components import ModelDims
+    from kandinsky_export.modules import sample_inputs
+    from kandinsky_export.onnx_export import onnx_session, run_session
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = COMPONENTS[config.name]
+    inputs = sample_inputs(
+        spec,
+        ModelDims.from_dict(manifest["dims"]),
+        batch=batch,
+        height=size,
+        width=size,
+        seed=0,
+        vocab_size=manifest["vocab_size"],
+    )
+    for message in config.input:
+        got = list(inputs[message.name].shape[1:]) or [1]
+        assert all(d in (-1, g) for d, g in zip(message.dims, got, strict=True)), message.name
+    outputs = run_session(onnx_session(onnx_path), inputs)
+    for message in config.output:
+        shape = list(outputs[message.name].shape)
+        assert shape[0] == batch, message.name
+        assert all(d in (-1, g) for d, g in zip(message.dims, shape[1:], strict=True)), (message.name, shape)
+
+
+def _network_models(repository: Path) -> list[str]:
+    return sorted(name for name in COMPONENTS if (repository / name / "config.pbtxt").is_file())
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "onnxruntime", "tensorrt"])
+def test_every_config_parses_and_matches_the_registry(repositories: dict, flavour: str) -> None:
+    repository = repositories[flavour]
+    names = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    assert set(_network_models(repository)) >= {"text_encoder", "prior", "unet", "movq_decoder"}
+    for name in names:
+        config = read_config(repository / name)
+        assert config.name == name
+        spec = COMPONENTS.get(name) or SERVED_MODELS[name]
+        assert config.max_batch_size == spec.max_batch_size, name
+        assert [i.name for i in config.input] == [t.name for t in spec.inputs], name
+        assert [o.name for o in config.output] == [t.name for t in spec.outputs], name
+        for message, tensor in zip(
+            [*config.input, *config.output], [*spec.inputs, *spec.outputs], strict=True
+        ):
+            assert message.data_type == dtype_enum(tensor.dtype), (name, tensor.name)
+
+
+def test_cpu_flavour_matches_the_onnx_graphs(repositories: dict, gpu_bundle: Path) -> None:
+    repository = repositories["cpu"]
+    for name in _network_models(repository):
+        config = read_config(repository / name)
+        assert config.backend == "python"
+        _check_against_onnx(config, repository / name / "1" / "model.onnx", COMPONENTS[name])
+        _check_by_running(config, repository / name / "1" / "model.onnx", gpu_bundle, batch=2, size=128)
+
+
+def test_onnxruntime_flavour(repositories: dict, gpu_bundle: Path) -> None:
+    repository = repositories["onnxruntime"]
+    manifest = json.loads((gpu_bundle / "manifest.json").read_text())
+    for name in _network_models(repository):
+        spec = COMPONENTS[name]
+        config = read_config(repository / name)
+        assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        assert config.HasField("dynamic_batching") == spec.called_per_step, name
+        served = repository / name / "1" / "model.onnx"
+        _check_against_onnx(config, served, spec)
+        _check_by_running(config, served, gpu_bundle, batch=1, size=128)
+
+        # the served file is the measured default precision: FP16 weights where a variant passed
+        precision = manifest["components"][name].get("default_precision", "fp32")
+        assert config.parameters["precision"].string_value == precision
+        assert precision == ("fp16" if name in FP16_COMPONENTS else "fp32")
+        weights = {t.data_type for t in onnx.load(str(served), load_external_data=False).graph.initializer}
+        assert (onnx.TensorProto.FLOAT16 in weights) == (precision == "fp16"), name
+
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert [a.name for a in accelerators] == ["tensorrt"]
+        parameters = accelerators[0].parameters
+        assert parameters["precision_mode"] == ("FP16" if precision == "fp16" else "FP32")
+        profile = {
+            which: _parse_shapes(parameters[f"trt_profile_{which}_shapes"]) for which in ("min", "opt", "max")
+        }
+        _check_warmup(config, spec, profile["opt"])
+        for message in config.input:
+            low, high = profile["min"][message.name][1:], profile["max"][message.name][1:]
+            for axis, dim in enumerate(message.dims if low else []):
+                assert (dim == -1) == (low[axis] != high[axis]), (name, message.name, axis)
+
+
+def _parse_shapes(text: str) -> dict[str, list[int]]:
+    """ONNX Runtime's "name:1x4x64x64,other:1" back into shapes."""
+    shapes = {}
+    for item in text.split(","):
+        name, dims = item.split(":")
+        shapes[name] = [int(d) for d in dims.split("x")]
+    return shapes
+
+
+def _check_warmup(config: mc.ModelConfig, spec: ComponentSpec, opt: dict[str, list[int]]) -> None:
+    """One warm-up request with every input, at the profile's optimum shapes."""
+    assert len(config.model_warmup) == 1
+    warmup = config.model_warmup[0]
+    assert 1 <= warmup.batch_size <= config.max_batch_size
+    assert set(warmup.inputs) == {t.name for t in spec.inputs}
+    for tensor in spec.inputs:
+        sample = warmup.inputs[tensor.name]
+        assert sample.data_type == dtype_enum(tensor.dtype)
+        assert opt[tensor.name][0] == warmup.batch_size
+        assert list(sample.dims) == (opt[tensor.name][1:] or [1])
+        # integer inputs must stay in range (token ids, timesteps): zeros, never random
+        assert sample.random_data == tensor.dtype.startswith("float")
+        assert sample.zero_data == (not tensor.dtype.startswith("float"))
+
+
+def test_tensorrt_flavour_matches_engines_and_onnx(repositories: dict, engine_bundle: Path) -> None:
+    repository = repositories["tensorrt"]
+    for name in _network_models(repository):
+        spec = COMPONENTS[name]
+        config = read_config(repository / name)
+        metadata = json.loads((engine_bundle / name / "tensorrt" / "engine.json").read_text())
+        profile = metadata["profile"]["inputs"]
+        assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+        plan = repository / name / "1" / "model.plan"
+        assert plan.read_bytes() == (engine_bundle / name / "tensorrt" / "model.plan").read_bytes()
+        assert config.max_batch_size == metadata["profile"]["max_batch_size"] == spec.max_batch_size
+        assert config.HasField("dynamic_batching") == spec.called_per_step, name
+        assert config.parameters["precision"].string_value == metadata["source"]["precision"]
+        # the engine's source ONNX: the served contract must match it, with the profile's static axes
+        source = engine_bundle / name / metadata["source"]["path"]
+        _check_against_onnx(config, source, spec, profile)
+        opt = next(iter(profile.values()))["opt"]
+        settings = metadata["profile"]["settings"]
+        side = (settings["static_size"] or [settings["min_size"]])[0]  # the smallest size the engine takes
+        _check_by_running(config, source, engine_bundle, batch=opt[0], size=side)
+        _check_warmup(config, spec, {k: v["opt"] for k, v in profile.items()})
+        assert config.optimization.cuda.graphs == (name == STATIC_COMPONENT), name
+
+    static = read_config(repository / STATIC_COMPONENT)
+    scale = json.loads((engine_bundle / "manifest.json").read_text())["dims"]["movq_scale_factor"]
+    assert list(static.input[0].dims)[1:] == [s // scale for s in STATIC_SIZE]
+    assert list(static.output[0].dims)[1:] == list(STATIC_SIZE)
+
+
+def test_shared_models_are_the_same_in_every_flavour(repositories: dict) -> None:
+    """Python pre/post-processing models and ensembles do not depend on the flavour."""
+    for name in SERVED_MODELS:
+        configs = [read_config(repositories[f] / name) for f in ("cpu", "onnxruntime", "tensorrt")]
+        assert configs[0] == configs[1] == configs[2], name
+        if SERVED_MODELS[name].steps:
+            assert configs[0].platform == "ensemble"
+        else:
+            assert configs[0].backend == "python"
+            assert [g.kind for g in configs[0].instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+
+
+def test_tensorrt_flavour_refuses_a_bundle_without_engines(gpu_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="kandinsky-export engines"):
+        generate_repository(gpu_bundle, tmp_path / "repo", RepositoryOptions(flavour="tensorrt"))
+
+
+def test_forcing_a_missing_precision_is_refused(gpu_bundle: Path, tmp_path: Path) -> None:
+    options = RepositoryOptions(flavour="onnxruntime", precision="fp16")
+    with pytest.raises(FileNotFoundError, match="kandinsky-export fp16"):
+        generate_repository(gpu_bundle, tmp_path / "repo", options)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"max_batch_size": 4}, "rebuild"),
+        ({"io_dtypes": {"timestep": "INT32"}}, "TensorRT 10"),
+    ],
+)
+def test_engines_that_break_the_contract_are_refused(
+    engine_bundle: Path, tmp_path: Path, change: dict, message: str
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, bundle)
+    sidecar = bundle / "unet" / "tensorrt" / "engine.json"
+    metadata = json.loads(sidecar.read_text())
+    if "max_batch_size" in change:
+        metadata["profile"]["max_batch_size"] = change["max_batch_size"]
+    else:
+        metadata["io_dtypes"].update(change["io_dtypes"])
+    sidecar.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=message):
+        generate_repository(bundle, tmp_path / "repo", RepositoryOptions(flavour="tensorrt"))
