@@ -59,3 +59,20 @@ def test_tokenizer_model_matches_transformers(tiny_bundle):
     np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"].astype(bool))
     assert got["input_ids"].shape == (4, 77)
     assert got["input_ids"][2, -1] == reference.eos_token_id  # truncated, still ends with EOS
+
+
+def test_every_preset_has_consistent_widths():
+    """Attention heads must divide every UNet block; SpatialNorm's GroupNorm(32) needs MoVQ widths % 32."""
+    for name, preset in PRESETS.items():
+        head = preset.unet["attention_head_dim"]
+        for width in preset.unet["block_out_channels"]:
+            assert width % head == 0, f"{name}: UNet width {width} is not a multiple of head dim {head}"
+        for width in preset.movq["block_out_channels"]:
+            assert width % 32 == 0, f"{name}: MoVQ width {width}"
+        prior = preset.prior
+        assert (
+            prior["embedding_dim"]
+            == preset.text_encoder["hidden_size"]
+            == preset.text_encoder["projection_dim"]
+        )
+        assert preset.image_encoder["projection_dim"] == prior["embedding_dim"]
