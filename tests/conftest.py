@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import logging
-import socket
 import warnings
 from pathlib import Path
 
 import pytest
+from kandinsky_repository.server import free_port
 
 TINY_SEED = 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

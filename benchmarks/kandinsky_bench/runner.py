@@ -72,12 +72,12 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
     from kandinsky_export.checkpoint import Checkpoint
     from kandinsky_export.onnx_export import read_manifest
     from kandinsky_repository.generate import RepositoryOptions
-    from kandinsky_repository.server import TritonServer
+    from kandinsky_repository.server import TritonServer, free_port
 
     from .artifacts import ensure_artifacts
     from .baseline import DiffusersBaseline, run_baseline
     from .components import bench_component, ort_variants
-    from .served import PROMPTS, Request, free_port, run_served
+    from .served import PROMPTS, Request, run_served
 
     progress = not plan.no_progress
     started = dt.datetime.now().astimezone()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -53,12 +52,6 @@ class Request:
     decoder_steps: int
     guidance_scale: float
     images_per_request: int = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_version(url: str, protocol: str) -> str:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,13 @@ def find_triton(cache_dir: Path | None = None) -> TritonInstall:
         return TritonInstall(Path(on_path), None)
     cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky22"
     return _pytriton_install(cache)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for servers started by tests and benchmarks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def repository_models(repository: Path) -> list[str]:
