@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from kandinsky_client import components as registry
-from kandinsky_client.errors import InferenceFailed, InvalidRequest, ServerUnavailable
-from kandinsky_client.pipeline import KandinskyClient
+from kandinsky_client.errors import InferenceFailed, InvalidRequest, ModelNotReady, ServerUnavailable
+from kandinsky_client.pipeline import KandinskyClient, ServerInfo
+from kandinsky_client.validation import TextToImageRequest
 
 from .conftest import free_port
 
@@ -91,3 +92,56 @@ def test_server_rejects_a_batch_above_the_model_limit(grpc_client):
     too_many = registry.UNET.max_batch_size + 1
     with pytest.raises(InferenceFailed, match="batch"):
         grpc_client.transport.infer(registry.UNET, _unet_inputs(grpc_client.info.dims, batch=too_many))
+
+
+class _ConfigOnlyTransport:
+    """Answers model_parameters like a server whose UNet is a TensorRT engine with `profile`."""
+
+    def __init__(self, dims, profile):
+        self.unet = {
+            "kandinsky_dims": dims.as_symbols(),
+            "scheduler_config": {"_class_name": "DDPMScheduler"},
+            "max_image_size": "1024",
+            "max_images_per_request": "4",
+            "tensorrt_profile": profile,
+        }
+
+    def model_parameters(self, model):
+        if model == "unet_inpaint":
+            raise ModelNotReady("no inpainting UNet")
+        return self.unet if model == "unet" else {"scheduler_config": {"_class_name": "UnCLIPScheduler"}}
+
+
+def _request(info, height, width):
+    return TextToImageRequest.build(
+        info,
+        prompt="x",
+        negative_prompt=None,
+        num_images_per_prompt=1,
+        height=height,
+        width=width,
+        prior_steps=2,
+        prior_guidance_scale=4.0,
+        decoder_steps=2,
+        decoder_guidance_scale=4.0,
+        seed=None,
+    )
+
+
+def test_client_follows_the_tensorrt_profile(grpc_client):
+    dims = grpc_client.info.dims
+    dynamic = ServerInfo.read(
+        _ConfigOnlyTransport(dims, {"min_size": 512, "max_size": 768, "static_size": None})
+    )
+    assert (dynamic.min_image_size, dynamic.max_image_size) == (512, 768)
+    assert _request(dynamic, 512, 768).width == 768
+    with pytest.raises(InvalidRequest, match=r"height: is 448; valid values are \[512, 768\]"):
+        _request(dynamic, 448, 512)
+    static = ServerInfo.read(
+        _ConfigOnlyTransport(dims, {"min_size": 512, "max_size": 1024, "static_size": [768, 512]})
+    )
+    assert _request(static, 768, 512).height == 768
+    with pytest.raises(
+        InvalidRequest, match="width: is 768; the server's engines are built for 768x512 only"
+    ):
+        _request(static, 768, 768)

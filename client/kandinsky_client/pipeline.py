@@ -49,6 +49,8 @@ class ServerInfo:
     max_image_size: int
     max_images_per_request: int
     inpaint_scheduler: dict | None = None  # None when the repository has no inpainting UNet
+    min_image_size: int = 0  # 0: the checkpoint's size multiple; TensorRT engines accept their profile only
+    static_size: tuple[int, int] | None = None  # (height, width) of static-shape engines
 
     @classmethod
     def read(cls, transport: TritonTransport) -> ServerInfo:
@@ -58,13 +60,24 @@ class ServerInfo:
             inpaint = transport.model_parameters("unet_inpaint").get("scheduler_config")
         except ModelNotReady:
             inpaint = None
+        dims = ModelDims.from_dict(unet["kandinsky_dims"])
+        smallest, largest, static = dims.size_multiple, int(unet["max_image_size"]), None
+        profile = unet.get("tensorrt_profile")  # written by the tensorrt flavour: the engines' sizes
+        if isinstance(profile, dict):
+            if profile.get("static_size"):
+                static = (int(profile["static_size"][0]), int(profile["static_size"][1]))
+            else:
+                smallest = max(smallest, int(profile["min_size"]))
+                largest = min(largest, int(profile["max_size"]))
         return cls(
-            dims=ModelDims.from_dict(unet["kandinsky_dims"]),
+            dims=dims,
             prior_scheduler=prior["scheduler_config"],
             decoder_scheduler=unet["scheduler_config"],
-            max_image_size=int(unet["max_image_size"]),
+            max_image_size=largest,
             max_images_per_request=int(unet["max_images_per_request"]),
             inpaint_scheduler=inpaint,
+            min_image_size=smallest,
+            static_size=static,
         )
 
 

@@ -53,11 +53,22 @@ def number(field: str, value: Any, low: float = 0.0) -> float:
 
 
 def image_side(field: str, value: Any, info: ServerInfo) -> int:
+    """A multiple of the checkpoint's size unit, within what the served models accept."""
     multiple = info.dims.size_multiple
-    value = integer(field, value, multiple, info.max_image_size)
+    if info.static_size is not None:
+        expected = info.static_size[0 if field == "height" else 1]
+        value = integer(field, value, 1)
+        if value != expected:
+            raise InvalidRequest(
+                field,
+                f"is {value}; the server's engines are built for {info.static_size[0]}x{info.static_size[1]} only",
+            )
+        return value
+    smallest = max(multiple, info.min_image_size)
+    value = integer(field, value, smallest, info.max_image_size)
     if value % multiple:
         raise InvalidRequest(
-            field, f"is {value}; it must be a multiple of {multiple} in [{multiple}, {info.max_image_size}]"
+            field, f"is {value}; it must be a multiple of {multiple} in [{smallest}, {info.max_image_size}]"
         )
     return value
 
