@@ -32,6 +32,7 @@ class TritonTransport:
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
+        self._confirmed_ready: set[str] = set()
         if protocol == "grpc":
             import tritonclient.grpc as triton
         else:
@@ -60,9 +61,17 @@ class TritonTransport:
             raise ServerUnavailable(f"the Triton server at '{self.url}' is not live")
 
     def require_ready(self, models: list[str]) -> None:
-        """Raise ModelNotReady naming every missing model and listing the ready ones."""
+        """Raise ModelNotReady naming every missing model and listing the ready ones.
+
+        A model found ready once is not asked again: every request calls this, and a model that goes
+        away later still fails its inference with Triton's own message.
+        """
+        unconfirmed = [m for m in models if m not in self._confirmed_ready]
+        if not unconfirmed:
+            return
         self.check_live()
-        missing = [m for m in models if not self._safe_ready(m)]
+        missing = [m for m in unconfirmed if not self._safe_ready(m)]
+        self._confirmed_ready.update(m for m in unconfirmed if m not in missing)
         if missing:
             ready = sorted(
                 m["name"] if isinstance(m, dict) else m.name
