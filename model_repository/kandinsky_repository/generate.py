@@ -104,9 +104,13 @@ def set_parameters(config: mc.ModelConfig, parameters: dict[str, object]) -> Non
         config.parameters[key].string_value = text
 
 
-def python_backend(config: mc.ModelConfig, entry_point: str, options: RepositoryOptions) -> None:
+def python_backend(
+    config: mc.ModelConfig, version_dir: Path, entry_point: str, options: RepositoryOptions
+) -> None:
+    """A python-backend model: CPU instances, and a model.py importing `entry_point` ("module:Class")."""
     config.backend = "python"
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
+    write_python_entry_point(version_dir, entry_point)
 
 
 def ensemble_config(spec: ServedModelSpec, dims: ModelDims, models: dict[str, ModelSpec]) -> mc.ModelConfig:
@@ -214,12 +218,11 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         version_dir = output / name / "1"
         files = [bundle / name / f for f in manifest["components"][name]["files"]]
         if options.flavour == "cpu":
-            python_backend(config, _ONNX_RUNNER, options)
+            python_backend(config, version_dir, _ONNX_RUNNER, options)
             if options.intra_op_threads:
                 set_parameters(config, {"intra_op_threads": str(options.intra_op_threads)})
             if spec.called_per_step:
                 config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-            write_python_entry_point(version_dir, _ONNX_RUNNER)
             for source in files:
                 place_file(source, version_dir / source.name)
         else:
@@ -232,9 +235,8 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         spec = SERVED_MODELS[name]
         models[name] = spec
         config = base_config(spec, dims)
-        python_backend(config, entry_point, options)
+        python_backend(config, output / name / "1", entry_point, options)
         write_config(output / name, config)
-        write_python_entry_point(output / name / "1", entry_point)
     shutil.copytree(bundle / "tokenizer", output / "tokenizer" / "1" / "tokenizer")
     clip_config = bundle / "image_processor" / "preprocessor_config.json"
     if not clip_config.is_file():
