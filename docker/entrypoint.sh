@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # First start: checkpoint -> ONNX bundle -> FP16 variants -> TensorRT engines -> model repository.
 # Every start: the steps that are already done are skipped (the bundle's manifest, the FP16 variants'
-# source hashes and the engines' sidecars say so), then Triton serves. Everything lives in $KANDINSKY_DATA.
+# source hashes and the engines' sidecars say so), then `kandinsky-serve` serves: Triton under its
+# supervisor (restarts after a crash or a dead python-backend stub), deep health on port 8003, the
+# restricted APIs keyed by $KANDINSKY_DATA/admin.key (or $KANDINSKY_ADMIN_KEY). Inside the container it
+# listens on every interface (--host 0.0.0.0): compose decides what the host publishes.
+# Everything lives in $KANDINSKY_DATA.
 #
 # Environment (defaults in brackets; see docs/gpu.md):
 #   KANDINSKY_PRIOR            [kandinsky-community/kandinsky-2-2-prior]  hub id or folder
@@ -15,8 +19,9 @@
 #   KANDINSKY_ORT_TENSORRT     [0]  onnxruntime flavour: 1 adds ONNX Runtime's TensorRT accelerator
 #   KANDINSKY_INSTANCES        [1]  instances per network model
 #   KANDINSKY_MAX_QUEUE_DELAY_US [2000]  dynamic batching window of the prior and UNet models
-#   TRITON_ARGS                []  extra tritonserver arguments
-# Arguments given to the container replace the final `tritonserver` command (e.g. `bash`).
+#   KANDINSKY_ADMIN_KEY        []  key of Triton's restricted APIs (default: $KANDINSKY_DATA/admin.key)
+#   KANDINSKY_SERVE_ARGS       []  extra kandinsky-serve arguments (e.g. --gateway --gateway-token ...)
+# Arguments given to the container replace the final `kandinsky-serve` command (e.g. `bash`).
 set -euo pipefail
 
 DATA="${KANDINSKY_DATA:-/data}"
@@ -81,9 +86,9 @@ kandinsky-repository "${repository_args[@]}"
 if [[ $# -gt 0 ]]; then
     exec "$@"
 fi
-# shellcheck disable=SC2086  # TRITON_ARGS is a list of arguments
-exec tritonserver \
-    --model-repository="${REPOSITORY}" \
-    --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
-    --strict-readiness=true --exit-on-error=true \
-    ${TRITON_ARGS:-}
+# shellcheck disable=SC2086  # KANDINSKY_SERVE_ARGS is a list of arguments
+exec kandinsky-serve \
+    --repository "${REPOSITORY}" \
+    --host 0.0.0.0 --health-host 0.0.0.0 \
+    --admin-key-file "${DATA}/admin.key" \
+    ${KANDINSKY_SERVE_ARGS:-}

@@ -7,7 +7,8 @@
 #   PRESET=tiny|small|full         random-weight preset to build when no real checkpoint is given (tiny)
 #   PRIOR=... DECODER=...          real checkpoint folders or hub ids (where a network exists), e.g.
 #                                  kandinsky-community/kandinsky-2-2-prior, kandinsky-community/kandinsky-2-2-decoder
-#   OUTPUT=outputs/quickstart.png  HEIGHT=256 WIDTH=256 SEED=0 PRIOR_STEPS=25 DECODER_STEPS=50
+#   OUTPUT=outputs/quickstart.png  HEIGHT=256 WIDTH=256 SEED=0
+#   PRIOR_STEPS=... STEPS=...      prior / decoder denoising steps (default: the client's defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPT=${1:-"a photo of a red fox in the snow, highly detailed"}
@@ -34,7 +35,7 @@ kandinsky-repository --bundle "$ART/onnx" --output "$ART/model_repository"
 PORT=${PORT:-8001}
 LOG=$ART/serve.out
 kandinsky-serve --repository "$ART/model_repository" --grpc-port "$PORT" --http-port $((PORT + 100)) \
-  --metrics-port $((PORT + 101)) --log-file "$ART/triton.log" >"$LOG" 2>&1 &
+  --metrics-port $((PORT + 101)) --health-port $((PORT + 102)) --log-file "$ART/triton.log" >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 until grep -q "Triton is serving" "$LOG"; do
@@ -43,6 +44,8 @@ until grep -q "Triton is serving" "$LOG"; do
 done
 cat "$LOG"
 
+STEP_ARGS=()
+[ -n "${PRIOR_STEPS:-}" ] && STEP_ARGS+=(--prior-num-inference-steps "$PRIOR_STEPS")
+[ -n "${STEPS:-}" ] && STEP_ARGS+=(--num-inference-steps "$STEPS")
 kandinsky-client generate "$PROMPT" --url "localhost:$PORT" --output "$OUTPUT" \
-  --height "${HEIGHT:-256}" --width "${WIDTH:-256}" --seed "${SEED:-0}" \
-  --prior-steps "${PRIOR_STEPS:-25}" --decoder-steps "${DECODER_STEPS:-50}"
+  --height "${HEIGHT:-256}" --width "${WIDTH:-256}" --seed "${SEED:-0}" "${STEP_ARGS[@]}"

@@ -10,6 +10,8 @@ import pytest
 from kandinsky_repository.server import free_port
 
 TINY_SEED = 0
+# The admin key of the servers tests start (Triton's restricted APIs: shared memory, logging, ...).
+TEST_ADMIN_KEY = "test-admin-key-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +52,11 @@ def tiny_repository(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A tritonserver process serving the tiny repository, stopped at the end of the session."""
+    """A tritonserver process serving the tiny repository, stopped at the end of the session.
+
+    Its restricted APIs (shared memory, logging, trace, model repository) need TEST_ADMIN_KEY.
+    """
+    from kandinsky_repository.admin import AdminKey
     from kandinsky_repository.server import TritonServer
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
@@ -59,6 +65,7 @@ def triton_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactor
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
+        admin_key=AdminKey(TEST_ADMIN_KEY, "tests"),
         log_file=log,
     )
     with server:
@@ -81,3 +88,76 @@ def grpc_client(triton_server):
 
     with KandinskyClient(triton_server.grpc_url, protocol="grpc") as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def nginx_with_njs() -> None:
+    """Skip (with the reason) where nginx or its njs module is missing; `bash .ci/run` installs both."""
+    from kandinsky_repository.gateway import GatewayUnavailable, find_nginx, njs_load_module
+
+    try:
+        njs_load_module(find_nginx())
+    except GatewayUnavailable as error:
+        pytest.skip(f"no gateway here: {error}")
+
+
+TICKER_MODEL = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    \"\"\"Decoupled test model: `count` responses, `delay` seconds apart, each echoing `text`.\"\"\"
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)[0]
+            count = int(pb_utils.get_input_tensor_by_name(request, "count").as_numpy().reshape(-1)[0])
+            delay = float(pb_utils.get_input_tensor_by_name(request, "delay").as_numpy().reshape(-1)[0])
+            for index in range(count):
+                if index:
+                    time.sleep(delay)
+                value = np.array([text + b" " + str(index).encode()], dtype=np.object_)
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("text", value)]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+
+TICKER_CONFIG = """
+name: "ticker"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input { name: "text" data_type: TYPE_STRING dims: [ 1 ] }
+input { name: "count" data_type: TYPE_INT32 dims: [ 1 ] }
+input { name: "delay" data_type: TYPE_FP32 dims: [ 1 ] }
+output { name: "text" data_type: TYPE_STRING dims: [ 1 ] }
+instance_group { kind: KIND_CPU count: 1 }
+"""
+
+
+@pytest.fixture(scope="session")
+def ticker_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one tiny decoupled python model (`ticker`): streaming and stub tests."""
+    root = tmp_path_factory.mktemp("ticker") / "repository"
+    (root / "ticker" / "1").mkdir(parents=True)
+    (root / "ticker" / "config.pbtxt").write_text(TICKER_CONFIG)
+    (root / "ticker" / "1" / "model.py").write_text(TICKER_MODEL)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server_loop_clients(triton_server):
+    """Clients whose generations run on the server (the `kandinsky` model), by protocol."""
+    from kandinsky_client.pipeline import KandinskyClient
+
+    clients = {
+        "grpc": KandinskyClient(triton_server.grpc_url, "grpc", loop="server"),
+        "http": KandinskyClient(triton_server.http_url, "http", loop="server"),
+    }
+    yield clients
+    for c in clients.values():
+        c.close()

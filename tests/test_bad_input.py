@@ -7,11 +7,12 @@ import pytest
 from kandinsky_client import components as registry
 from kandinsky_client.errors import InferenceFailed, InvalidRequest, ModelNotReady, ServerUnavailable
 from kandinsky_client.pipeline import KandinskyClient, ServerInfo
-from kandinsky_client.validation import TextToImageRequest
+from kandinsky_client.request import GenerationRequest
+from kandinsky_client.validation import check_request
 
 from .conftest import free_port
 
-FAST = {"prior_steps": 2, "decoder_steps": 2, "height": 64, "width": 64}
+FAST = {"prior_num_inference_steps": 2, "num_inference_steps": 2, "height": 64, "width": 64}
 
 
 @pytest.mark.parametrize(
@@ -22,8 +23,8 @@ FAST = {"prior_steps": 2, "decoder_steps": 2, "height": 64, "width": 64}
         ({"prompt": "x", "height": 65}, "height", "multiple of 64"),
         ({"prompt": "x", "width": 0}, "width", "valid values are [64, 1024]"),
         ({"prompt": "x", "height": 2048}, "height", "[64, 1024]"),
-        ({"prompt": "x", "decoder_steps": 0}, "decoder_steps", "[1, 1000]"),
-        ({"prompt": "x", "prior_steps": 1}, "prior_steps", "[2, 1000]"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "[1, 1000]"),
+        ({"prompt": "x", "prior_num_inference_steps": 1}, "prior_num_inference_steps", "[2, 1000]"),
         ({"prompt": "x", "prior_guidance_scale": float("nan")}, "prior_guidance_scale", "finite"),
         ({"prompt": "x", "num_images_per_prompt": 5}, "num_images_per_prompt", "[1, 4]"),
         ({"prompt": ["a", "b", "c"], "num_images_per_prompt": 2}, "num_images_per_prompt", "at most 4"),
@@ -113,32 +114,27 @@ class _ConfigOnlyTransport:
 
 
 def _request(info, height, width):
-    return TextToImageRequest.build(
+    return check_request(
+        GenerationRequest(
+            prompt="x", height=height, width=width, prior_num_inference_steps=2, num_inference_steps=2
+        ),
         info,
-        prompt="x",
-        negative_prompt=None,
-        num_images_per_prompt=1,
-        height=height,
-        width=width,
-        prior_steps=2,
-        prior_guidance_scale=4.0,
-        decoder_steps=2,
-        decoder_guidance_scale=4.0,
-        seed=None,
     )
 
 
 def test_client_follows_the_tensorrt_profile(grpc_client):
     dims = grpc_client.info.dims
     dynamic = ServerInfo.read(
-        _ConfigOnlyTransport(dims, {"min_size": 512, "max_size": 768, "static_size": None})
+        _ConfigOnlyTransport(dims, {"min_size": 512, "max_size": 768, "static_size": None}).model_parameters
     )
     assert (dynamic.min_image_size, dynamic.max_image_size) == (512, 768)
     assert _request(dynamic, 512, 768).width == 768
     with pytest.raises(InvalidRequest, match=r"height: is 448; valid values are \[512, 768\]"):
         _request(dynamic, 448, 512)
     static = ServerInfo.read(
-        _ConfigOnlyTransport(dims, {"min_size": 512, "max_size": 1024, "static_size": [768, 512]})
+        _ConfigOnlyTransport(
+            dims, {"min_size": 512, "max_size": 1024, "static_size": [768, 512]}
+        ).model_parameters
     )
     assert _request(static, 768, 512).height == 768
     with pytest.raises(

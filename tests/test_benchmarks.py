@@ -1,4 +1,5 @@
-"""`kandinsky-bench`: the arithmetic of its numbers, and a smoke run that keeps the command working.
+"""`kandinsky-bench`: the arithmetic of its numbers, the delaying proxy, and a smoke run that keeps the
+command working.
 
 The smoke run uses the tiny preset (its numbers mean nothing) with minimal repeats, and the session's
 tiny bundle and Triton server, so it adds seconds rather than an export and a server start.
@@ -8,10 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import threading
+import time
 
 import pytest
 from kandinsky_bench import report, stats
+from kandinsky_bench.proxy import DelayProxy, parse_address, proxy_process
 from kandinsky_bench.served import Request, requests_per_worker, summarize_level
+
+TINY_REQUEST = Request(
+    height=64, width=64, prior_num_inference_steps=2, num_inference_steps=2, guidance_scale=4.0
+)
 
 # -- percentiles and summaries ---------------------------------------------------------------------
 
@@ -121,6 +130,20 @@ def test_requests_per_worker_holds_at_least_repeats():
         assert requests_per_worker(concurrency, 5) * concurrency >= 5
 
 
+def test_per_execution():
+    counters = {"success_count": 8, "inference_count": 16, "execution_count": 4}
+    assert stats.per_execution(counters) == {"requests_per_execution": 2.0, "inferences_per_execution": 4.0}
+    assert stats.per_execution({}) == {"requests_per_execution": 0.0, "inferences_per_execution": 0.0}
+
+
+def test_request_steps_and_options():
+    assert TINY_REQUEST.steps == 4
+    assert TINY_REQUEST.expected_requests(3) == {"prior": 6, "unet": 6, "postprocess_image": 3}
+    options = TINY_REQUEST.options()
+    assert options["prior_num_inference_steps"] == 2 and options["num_inference_steps"] == 2
+    assert options["prior_guidance_scale"] == options["guidance_scale"] == 4.0
+
+
 def test_summarize_level_overhead_from_client_and_server():
     """Two requests of 1 s each; the server computed 0.9 s per request: 10% outside compute."""
     records = [
@@ -151,37 +174,151 @@ def test_summarize_level_overhead_from_client_and_server():
         # An ensemble repeats its steps' time: it must not be counted.
         "decode_image": {"compute_infer_ns": 5 * ns, "success_ns": 5 * ns},
     }
-    level = summarize_level(1, Request(64, 64, 2, 2, 4.0), records, wall_s=2.0, delta=counters)
+    level = summarize_level(1, TINY_REQUEST, records, wall_s=2.0, delta=counters, loop="server")
+    assert level["loop"] == "server"
     assert level["images_per_s"] == pytest.approx(1.0)
     assert level["overhead"]["compute_s"] == pytest.approx(1.8)
     assert level["overhead"]["share"] == pytest.approx(0.1)
+    # 0.2 s outside compute over 2 requests of 4 denoising steps each.
+    assert level["overhead"]["outside_per_step_s"] == pytest.approx(0.2 / 8)
+    assert level["overhead"]["loop_outside_compute_s"] == pytest.approx(1.98 - 1.8)
+    assert level["overhead"]["outside_loop_s"] == pytest.approx(0.02)
     assert level["overhead"]["queue_s"] == pytest.approx(0.05)
     assert level["overhead"]["client_and_transport_s"] == pytest.approx(2.0 - 1.9)
     assert level["stages"]["decoder"]["server_compute_per_request_s"] == pytest.approx(0.45)
     assert level["models"]["unet"]["requests_per_execution"] == pytest.approx(2.0)
     assert "decode_image" not in level["models"]
+    # The server loop's own model is the loop, not model compute.
+    counters["kandinsky"] = {"compute_infer_ns": 7 * ns, "success_ns": 7 * ns, "success_count": 2}
+    again = summarize_level(1, TINY_REQUEST, records, wall_s=2.0, delta=counters, loop="server")
+    assert again["overhead"]["compute_s"] == pytest.approx(1.8)
+    assert again["models"]["kandinsky"]["requests"] == 2
+
+
+def _level(loop: str, concurrency: int, p50: float, per_step: float, images_per_s: float) -> dict:
+    return {
+        "loop": loop,
+        "concurrency": concurrency,
+        "latency": {"p50": p50, "mean": p50},
+        "overhead": {"share": 0.02, "outside_per_step_s": per_step},
+        "images_per_s": images_per_s,
+    }
+
+
+def _rtt_row(loop: str, rtt_ms: float, p50: float) -> dict:
+    return {"loop": loop, "rtt_ms": rtt_ms, "measured_rtt_ms": rtt_ms, "latency": {"p50": p50, "mean": p50}}
 
 
 def test_targets():
     result = {
+        "settings": {"prior_num_inference_steps": 25, "num_inference_steps": 50},
         "baseline": {"latency": {"p50": 10.0}},
         "served": {
+            "loops": ["client", "server"],
             "levels": [
-                {"concurrency": 1, "latency": {"p50": 7.5}, "overhead": {"share": 0.02}, "images_per_s": 0.1},
-                {
-                    "concurrency": 4,
-                    "latency": {"p50": 30.0},
-                    "overhead": {"share": 0.3},
-                    "images_per_s": 0.12,
-                },
-            ]
+                _level("client", 1, 8.0, 2.8e-3, 0.125),
+                _level("server", 1, 7.5, 0.4e-3, 0.13),
+                _level("client", 4, 30.0, 3e-3, 0.13),
+                _level("server", 4, 31.0, 1e-3, 0.13),
+            ],
+            "rtt": [
+                _rtt_row("client", 0, 8.0),
+                _rtt_row("server", 0, 7.5),
+                _rtt_row("client", 1, 8.1),
+                _rtt_row("server", 1, 7.5),  # 0.6 s faster >= 75 x 1 ms
+                _rtt_row("client", 10, 8.8),
+                _rtt_row("server", 10, 7.6),  # 1.2 s faster < 75 x 10 ms
+            ],
         },
     }
     t = report.targets(result)
-    assert t["speedup_p50_concurrency_1"] == pytest.approx(10 / 7.5)
-    assert t["speedup_met"] and t["overhead_met"]
-    assert t["throughput_4_vs_1"] == pytest.approx(1.2)
-    assert report.targets({}) == {"speedup_target": 1.25, "overhead_target": 0.05}
+    assert t["speedup_vs_diffusers"]["client"] == pytest.approx(10 / 8)
+    assert t["speedup_vs_diffusers"]["server"] == pytest.approx(10 / 7.5)
+    assert t["outside_per_step_concurrency_1_s"] == {"client": 2.8e-3, "server": 0.4e-3}
+    assert t["outside_per_step_met"]
+    assert t["throughput_4_vs_1"]["server"] == pytest.approx(1.0)
+    assert [c["not_slower"] for c in t["server_vs_client"]] == [True, False]
+    assert not t["server_not_slower_met"]
+    rtt = {row["rtt_ms"]: row for row in t["rtt"]}
+    assert rtt[1]["target_saved_s"] == pytest.approx(0.075) and rtt[1]["met"]
+    assert rtt[10]["target_saved_s"] == pytest.approx(0.75) and rtt[10]["met"]
+    assert rtt[10]["saved_p50_s"] == pytest.approx(1.2)
+    result["served"]["rtt"][-1] = _rtt_row("server", 10, 8.3)  # 0.5 s faster < 0.75 s
+    t = report.targets(result)
+    assert not t["rtt_met"] and not t["rtt"][-1]["met"]
+    table = report.rtt_rows(result)
+    assert "75 x R" in table[0] and "**no**" in table[-1]
+    assert report.targets({}) == {
+        "speedup_target": 1.25,
+        "overhead_target": 0.05,
+        "outside_per_step_target_s": 0.5e-3,
+    }
+
+
+# -- the delaying proxy ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def echo_server():
+    """A TCP echo server on loopback; yields its (host, port)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            while data := connection.recv(65536):
+                connection.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[:2]
+    server.close()
+
+
+def _round_trips(address: tuple[str, int], count: int, size: int = 1000) -> list[float]:
+    """Seconds per request-response of `size` bytes over one connection."""
+    durations = []
+    with socket.create_connection(address) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(count):
+            payload = bytes([i % 256]) * size
+            start = time.perf_counter()
+            connection.sendall(payload)
+            received = b""
+            while len(received) < size:
+                received += connection.recv(size - len(received))
+            durations.append(time.perf_counter() - start)
+            assert received == payload
+        connection.shutdown(socket.SHUT_WR)  # the echo server's close comes back through the proxy
+        assert connection.recv(1) == b""
+    return durations
+
+
+def test_proxy_adds_the_round_trip(echo_server):
+    with DelayProxy(echo_server, rtt_s=0.010) as proxy:
+        durations = _round_trips(proxy.address, 10)
+        assert min(durations) >= 0.010, durations
+        assert _round_trips(proxy.address, 3, size=300_000)  # large payloads arrive whole
+    with DelayProxy(echo_server, rtt_s=0.0) as proxy:
+        assert len(_round_trips(proxy.address, 3)) == 3
+
+
+def test_proxy_process(echo_server):
+    with proxy_process(f"{echo_server[0]}:{echo_server[1]}", rtt_ms=10) as url:
+        assert min(_round_trips(parse_address(url), 5)) >= 0.010
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:8001") == ("127.0.0.1", 8001)
+    assert parse_address("http://localhost:8000") == ("localhost", 8000)
+    with pytest.raises(ValueError):
+        parse_address("localhost")
 
 
 # -- the command, end to end on the tiny preset -----------------------------------------------------
@@ -208,6 +345,7 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint_root
         "--repeats", "2",
         "--component-repeats", "2",
         "--concurrency", "1", "2",
+        "--rtt-ms", "0", "1",
         "--components", "prior", "unet",
         "--no-progress",
     ]  # fmt: skip
@@ -229,7 +367,8 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint_root
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     for package in ("torch", "onnxruntime", "diffusers", "tritonclient", "tritonserver"):
         assert result["versions"].get(package), package
-    assert result["settings"]["prior_steps"] == 2 and result["settings"]["height"] == 64
+    assert result["settings"]["prior_num_inference_steps"] == 2 and result["settings"]["height"] == 64
+    assert result["settings"]["num_inference_steps"] == 2
 
     assert [c["component"] for c in result["components"]] == ["prior", "unet"]
     for component in result["components"]:
@@ -242,19 +381,59 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint_root
     assert baseline["interleaved_with_served"]  # alternated with the served requests at concurrency 1
     assert _positive_finite(baseline["latency"]["p50"]) and baseline["latency"]["n"] == 2
 
-    levels = result["served"]["levels"]
-    assert [level["concurrency"] for level in levels] == [1, 2]
+    served = result["served"]
+    levels = served["levels"]
+    assert served["loops"] == ["client", "server"]
+    assert [(level["loop"], level["concurrency"]) for level in levels] == [
+        ("client", 1),
+        ("server", 1),
+        ("client", 2),
+        ("server", 2),
+    ]
     for level in levels:
         assert level["requests"] >= 2
         assert _positive_finite(level["images_per_s"])
+        for p in ("p50", "p90", "p99"):
+            assert _positive_finite(level["latency"][p])
         for stage in ("encode_prompt", "prior", "decoder", "decode_image"):
             assert _positive_finite(level["stages"][stage]["p50"]), stage
         assert _positive_finite(level["overhead"]["compute_s"])
         assert 0 < level["overhead"]["share"] < 1
-        assert level["models"]["unet"]["requests"] >= 2 * level["requests"]
-    assert _positive_finite(result["targets"]["speedup_p50_concurrency_1"])
+        assert _positive_finite(level["overhead"]["outside_per_step_s"])
+        assert level["denoising_steps_per_request"] == 4
+        for model in ("unet", "prior"):
+            stats_ = level["models"][model]
+            assert stats_["requests"] >= 2 * level["requests"], model
+            assert stats_["requests_per_execution"] >= 1, model
+            assert stats_["inferences_per_execution"] >= stats_["requests_per_execution"], model
+    assert [(row["loop"], row["rtt_ms"]) for row in served["rtt"]] == [
+        ("client", 0),
+        ("server", 0),
+        ("client", 1),
+        ("server", 1),
+    ]
+    for row in served["rtt"]:
+        assert row["requests"] == 2 and _positive_finite(row["latency"]["p50"])
+    assert served["rtt"][2]["measured_rtt_ms"] > 0.5  # the proxy was really in the way
+
+    targets = result["targets"]
+    for loop in ("client", "server"):
+        assert _positive_finite(targets["speedup_vs_diffusers"][loop])
+        assert _positive_finite(targets["outside_per_step_concurrency_1_s"][loop])
+    assert isinstance(targets["outside_per_step_met"], bool)
+    assert [row["rtt_ms"] for row in targets["rtt"]] == [0, 1]
+    assert targets["rtt"][1]["target_saved_s"] == pytest.approx(4 * 1e-3)
 
     table = (output / "results.md").read_text()
-    for needle in ("| served (Triton, ONNX Runtime) | 1 |", "diffusers float32", "Components", "tiny preset"):
+    for needle in (
+        "| served, client loop | 1 |",
+        "| served, server loop | 2 |",
+        "Loops x concurrency",
+        "Loops x added network round trip",
+        "| 1 ms |",
+        "diffusers float32",
+        "Components",
+        "tiny preset",
+    ):
         assert needle in table, needle
     assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

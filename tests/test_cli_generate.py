@@ -18,8 +18,19 @@ def _client(*args: str) -> subprocess.CompletedProcess:
 def test_generate_writes_png_files(triton_server, tmp_path):
     output = tmp_path / "out" / "cat.png"
     args = ["generate", "a photo of a cat", "--output", str(output), "--url", triton_server.grpc_url]
-    args += ["--height", "64", "--width", "128", "--prior-steps", "2", "--decoder-steps", "3", "--seed", "7"]
-    args += ["--num-images", "2", "--no-progress"]
+    args += [
+        "--height",
+        "64",
+        "--width",
+        "128",
+        "--prior-num-inference-steps",
+        "2",
+        "--num-inference-steps",
+        "3",
+        "--seed",
+        "7",
+    ]
+    args += ["--num-images-per-prompt", "2", "--no-progress"]
     result = _client(*args)
     assert result.returncode == 0, result.stderr
     paths = [tmp_path / "out" / "cat_0.png", tmp_path / "out" / "cat_1.png"]
@@ -47,9 +58,9 @@ def test_generate_over_http(triton_server, tmp_path):
         "64",
         "--width",
         "64",
-        "--prior-steps",
+        "--prior-num-inference-steps",
         "2",
-        "--decoder-steps",
+        "--num-inference-steps",
         "2",
         "--no-progress",
     )

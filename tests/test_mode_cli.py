@@ -11,8 +11,8 @@ from PIL import Image
 
 from .reference import mask, picture
 
-DECODER_FAST = ["--decoder-steps", "2", "--seed", "5", "--no-progress"]
-PRIOR_FAST = ["--prior-steps", "2", *DECODER_FAST]
+DECODER_FAST = ["--num-inference-steps", "2", "--seed", "5", "--no-progress"]
+PRIOR_FAST = ["--prior-num-inference-steps", "2", *DECODER_FAST]
 SMALL = ["--height", "64", "--width", "64"]  # these modes default to 512x512, not the input's size
 
 
@@ -33,7 +33,7 @@ def files(tmp_path_factory):
 
 
 MODES = [
-    pytest.param(["variations", "{photo}", "--num-images", "2"], 2, (64, 64), id="variations"),
+    pytest.param(["variations", "{photo}", "--num-images-per-prompt", "2"], 2, (64, 64), id="variations"),
     pytest.param(["fuse", "a red fox", "@{palette}", "--weights", "0.4", "0.6"], 1, (64, 64), id="fuse"),
     pytest.param(
         ["img2img", "{photo}", "a watercolor", "--strength", "0.5", "--width", "128"],
@@ -43,7 +43,10 @@ MODES = [
     ),
     pytest.param(["emb2emb", "{palette}", "a snowy owl", "--strength", "0.5"], 1, (64, 64), id="emb2emb"),
     pytest.param(
-        ["inpaint", "{photo}", "{mask}", "a red hat", "--num-images", "2"], 2, (64, 64), id="inpaint"
+        ["inpaint", "{photo}", "{mask}", "a red hat", "--num-images-per-prompt", "2"],
+        2,
+        (64, 64),
+        id="inpaint",
     ),
     pytest.param(
         ["outpaint", "{palette}", "a beach", "--left", "24", "--top", "16"], 1, (64, 64), id="outpaint"

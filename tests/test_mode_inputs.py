@@ -26,7 +26,6 @@ from kandinsky_client.images import (
     rgb_array,
 )
 from kandinsky_repository.python_models.preprocess import (
-    MAX_INPUT_SIDE,
     ClipPreprocessing,
     clip_preprocess,
     movq_preprocess,
@@ -267,8 +266,8 @@ def test_masks_of_every_kind_mean_the_same():
 
 # -- validation of the modes' arguments (client side, before any inference) --------------------------
 
-DECODER = {"decoder_steps": 4, "height": 64, "width": 64}
-FAST = {"prior_steps": 2, **DECODER}
+DECODER = {"num_inference_steps": 4, "height": 64, "width": 64}
+FAST = {"prior_num_inference_steps": 2, **DECODER}
 
 
 def _image():
@@ -295,9 +294,13 @@ def _image():
         (lambda c: c.fuse(["a", "b"], [0, 0.0], **FAST), "weights", "all 0"),
         (lambda c: c.fuse(["a", "b"], [1, float("inf")], **FAST), "weights[1]", "finite"),
         (lambda c: c.fuse(["a", 3], [1, 1], **FAST), "images_and_prompts[1]", "must be a PIL image"),
-        (lambda c: c.fuse(["a"], [1], negative_prompt=None, **FAST), "negative_prompt", "must be a string"),
+        (lambda c: c.fuse(["a"], [1], negative_prompt=3, **FAST), "negative_prompt", "must be a string"),
         (lambda c: c.variations(b"", **DECODER), "image", "is empty"),
-        (lambda c: c.variations(_image(), num_images=5, **DECODER), "num_images", "[1, 4]"),
+        (
+            lambda c: c.variations(_image(), num_images_per_prompt=5, **DECODER),
+            "num_images_per_prompt",
+            "[1, 4]",
+        ),
         (
             lambda c: c.inpaint(_image(), np.zeros((32, 64), bool), "x", **FAST),
             "mask_image",
@@ -309,7 +312,9 @@ def _image():
             "float masks must lie in [0, 1]",
         ),
         (
-            lambda c: c.image_to_image(picture(50, 70), "x", prior_steps=2, decoder_steps=2),
+            lambda c: c.image_to_image(
+                picture(50, 70), "x", prior_num_inference_steps=2, num_inference_steps=2
+            ),
             "height",
             "defaults to the image's height, 50",
         ),
@@ -335,7 +340,7 @@ def test_grayscale_and_transparent_inputs_are_used_as_rgb(grpc_client):
     gray = picture(64, 64, seed=8).convert("L")
     rgba = picture(64, 64, seed=8).convert("RGBA")
     rgba.putalpha(128)
-    kwargs = {"num_images": 1, "height": 64, "width": 64, "decoder_steps": 2, "seed": 3}
+    kwargs = {"num_images_per_prompt": 1, "height": 64, "width": 64, "num_inference_steps": 2, "seed": 3}
     for source in (gray, rgba):
         as_given = grpc_client.variations(source, **kwargs)
         as_rgb = grpc_client.variations(load_image(source), **kwargs)
@@ -350,19 +355,23 @@ def test_grayscale_and_transparent_inputs_are_used_as_rgb(grpc_client):
 
 def test_server_rejects_oversized_images_and_keeps_serving(grpc_client):
     transport = grpc_client.transport
-    too_tall = np.zeros((1, MAX_INPUT_SIDE + 1, 1, 3), np.uint8)
+    limit = registry.MAX_INPUT_IMAGE_SIDE
+    too_tall = np.zeros((1, limit + 1, 1, 3), np.uint8)
     with pytest.raises(InferenceFailed) as error:
         transport.infer(registry.ENCODE_IMAGE, {"image_rgb": too_tall})
-    assert f"input 'image_rgb' height is {MAX_INPUT_SIDE + 1}; valid values are [1, {MAX_INPUT_SIDE}]" in str(
-        error.value
-    )
-    embeds = grpc_client.encode_image(rgb_array(picture(40, 30)))
+    assert f"input 'image_rgb' height is {limit + 1}; at most {limit}" in str(error.value)
+    embeds = transport.infer(registry.ENCODE_IMAGE, {"image_rgb": rgb_array(picture(40, 30))})["image_embeds"]
     assert embeds.shape == (1, grpc_client.info.dims.embed_dim) and np.isfinite(embeds).all()
 
 
 def test_server_rejects_latent_images_of_a_bad_size_and_keeps_serving(grpc_client):
+    def encode_latents(image):
+        return grpc_client.transport.infer(registry.ENCODE_LATENTS, {"image_rgb": rgb_array(image)})[
+            "latents"
+        ]
+
     with pytest.raises(InferenceFailed) as error:
-        grpc_client.encode_latents(rgb_array(picture(60, 64)))
+        encode_latents(picture(60, 64))
     assert "input 'image' height is 60; it must be a multiple of 64" in str(error.value)
-    latents = grpc_client.encode_latents(rgb_array(picture(64, 128)))
+    latents = encode_latents(picture(64, 128))
     assert latents.shape == (1, grpc_client.info.dims.latent_channels, 8, 16) and np.isfinite(latents).all()

@@ -15,6 +15,9 @@ from pathlib import Path
 import onnx
 import pytest
 from kandinsky_client.components import COMPONENTS, SERVED_MODELS, ComponentSpec
+from kandinsky_client.server_info import ServerInfo
+from kandinsky_client.wire import MODEL_NAME as GENERATION_MODEL
+from kandinsky_client.wire import input_specs
 from kandinsky_repository.generate import (
     RepositoryOptions,
     dtype_enum,
@@ -175,9 +178,13 @@ def test_every_config_parses_and_matches_the_registry(repositories: dict, flavou
     repository = repositories[flavour]
     names = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     assert set(_network_models(repository)) >= {"text_encoder", "prior", "unet", "movq_decoder"}
+    assert GENERATION_MODEL in names, "every flavour serves the server-side generation model"
     for name in names:
         config = read_config(repository / name)
         assert config.name == name
+        if name == GENERATION_MODEL:
+            _check_generation_model(config)
+            continue
         spec = COMPONENTS.get(name) or SERVED_MODELS[name]
         assert config.max_batch_size == spec.max_batch_size, name
         assert [i.name for i in config.input] == [t.name for t in spec.inputs], name
@@ -186,6 +193,18 @@ def test_every_config_parses_and_matches_the_registry(repositories: dict, flavou
             [*config.input, *config.output], [*spec.inputs, *spec.outputs], strict=True
         ):
             assert message.data_type == dtype_enum(tensor.dtype), (name, tensor.name)
+
+
+def _check_generation_model(config) -> None:
+    """Decoupled, unbatched, every request field an optional input with its wire type, and the same
+    server_info the client would read from the unet/prior/unet_inpaint configs."""
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
+    expected = [(name, mc.DataType.Value(data_type), dims) for name, data_type, dims in input_specs()]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == expected
+    assert all(i.optional for i in config.input)
+    assert {"image", "seed", "timings", "stage", "step"} <= {o.name for o in config.output}
+    info = json.loads(config.parameters["server_info"].string_value)
+    assert ServerInfo.from_parameters(info).dims.embed_dim > 0
 
 
 def test_cpu_flavour_matches_the_onnx_graphs(repositories: dict, gpu_bundle: Path) -> None:

@@ -36,7 +36,7 @@ def _group_alive(pgid: int) -> list[int]:
 
 
 def test_serve_command_stops_cleanly_on_sigterm(tiny_repository, tmp_path):
-    ports = [free_port(), free_port(), free_port()]
+    ports = [free_port(), free_port(), free_port(), free_port()]
     process = subprocess.Popen(
         [
             sys.executable,
@@ -50,6 +50,8 @@ def test_serve_command_stops_cleanly_on_sigterm(tiny_repository, tmp_path):
             str(ports[1]),
             "--metrics-port",
             str(ports[2]),
+            "--health-port",
+            str(ports[3]),
             "--log-file",
             str(tmp_path / "server.log"),
         ],
@@ -89,7 +91,9 @@ def test_missing_model_is_reported_by_name(tiny_repository, tmp_path):
         partial, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
     ) as server:
         with KandinskyClient(server.grpc_url) as client, pytest.raises(ModelNotReady, match="decode_image"):
-            client.text_to_image("a cat", height=64, width=64, prior_steps=2, decoder_steps=2)
+            client.text_to_image(
+                "a cat", height=64, width=64, prior_num_inference_steps=2, num_inference_steps=2
+            )
         group = os.getpgid(server.process.pid)
     assert _group_alive(group) == []
 

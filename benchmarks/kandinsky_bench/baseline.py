@@ -75,9 +75,10 @@ class DiffusersBaseline:
         prompt: str,
         height: int,
         width: int,
-        prior_steps: int,
-        decoder_steps: int,
+        prior_num_inference_steps: int,
+        num_inference_steps: int,
         guidance_scale: float,
+        prior_guidance_scale: float | None = None,
         device: str = "cpu",
         dtype: str = "float32",
     ) -> None:
@@ -86,7 +87,10 @@ class DiffusersBaseline:
         if device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # as a user would run it: every core
         self.prompt, self.height, self.width = prompt, height, width
-        self.prior_steps, self.decoder_steps, self.guidance_scale = prior_steps, decoder_steps, guidance_scale
+        self.prior_num_inference_steps = prior_num_inference_steps
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.prior_guidance_scale = guidance_scale if prior_guidance_scale is None else prior_guidance_scale
         self.device, self.dtype = device, dtype
         self.prior, self.decoder = load_pipelines(checkpoint_root, device, dtype)
         self.clock = StageClock()
@@ -110,8 +114,8 @@ class DiffusersBaseline:
         with torch.inference_mode():
             embeds = self.prior(
                 self.prompt,
-                num_inference_steps=self.prior_steps,
-                guidance_scale=self.guidance_scale,
+                num_inference_steps=self.prior_num_inference_steps,
+                guidance_scale=self.prior_guidance_scale,
                 generator=generator,
             )
             self._sync()
@@ -121,7 +125,7 @@ class DiffusersBaseline:
                 negative_image_embeds=embeds.negative_image_embeds,
                 height=self.height,
                 width=self.width,
-                num_inference_steps=self.decoder_steps,
+                num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale,
                 generator=generator,
             )

@@ -1,11 +1,15 @@
-"""`kandinsky-bench`: components, served end to end, the diffusers baseline, overhead; JSON + table + chart.
+"""`kandinsky-bench`: components, both served loops end to end, the diffusers baseline, overhead, added
+network round trip; JSON + table + chart.
 
     kandinsky-bench --preset small        # CPU: 512x512, 10 prior + 20 decoder steps
-    kandinsky-bench --preset tiny --repeats 2 --component-repeats 2 --concurrency 1 2   # smoke run
+    kandinsky-bench --preset tiny --height 512 --width 512 --prior-num-inference-steps 25 \
+        --num-inference-steps 50 --skip components baseline    # the loops' overhead (issue 8's targets)
+    kandinsky-bench --preset tiny --repeats 2 --component-repeats 2 --concurrency 1 2 --rtt-ms 0 1   # smoke
 
 Builds what it needs under artifacts/<preset>/ (checkpoint -> ONNX bundle -> Triton repository) and
 reuses it when present. Times the components first, then starts a Triton server on the repository; at
-concurrency 1 served requests alternate with diffusers generations. See docs/benchmarks.md.
+concurrency 1 the client loop, the server loop and diffusers take turns; then higher concurrencies; then
+both loops at concurrency 1 behind a proxy adding each --rtt-ms round trip. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ from typing import Any
 
 from .report import markdown, write_all
 from .runner import PARTS, BenchmarkPlan, run_benchmark
+from .served import LOOPS
 
 logger = logging.getLogger("kandinsky_bench")
 
+# The one table of preset defaults: the command line's defaults and its --help come from it.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # A smoke run: keeps the command working; its numbers mean nothing.
     "tiny": {
         "height": 64,
         "width": 64,
-        "prior_steps": 2,
-        "decoder_steps": 2,
+        "prior_num_inference_steps": 2,
+        "num_inference_steps": 2,
         "repeats": 3,
         "component_repeats": 5,
         "warmup": 1,
@@ -38,8 +44,8 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "small": {
         "height": 512,
         "width": 512,
-        "prior_steps": 10,
-        "decoder_steps": 20,
+        "prior_num_inference_steps": 10,
+        "num_inference_steps": 20,
         "repeats": 5,
         "component_repeats": 10,
         "warmup": 1,
@@ -48,8 +54,8 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {
         "height": 768,
         "width": 768,
-        "prior_steps": 25,
-        "decoder_steps": 50,
+        "prior_num_inference_steps": 25,
+        "num_inference_steps": 50,
         "repeats": 10,
         "component_repeats": 20,
         "warmup": 2,
@@ -57,9 +63,19 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def presets_help() -> str:
+    lines = ["preset defaults (options given on the command line win):"]
+    for name, values in PRESET_DEFAULTS.items():
+        lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="kandinsky-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="kandinsky-bench",
+        description=__doc__,
+        epilog=presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--preset",
@@ -82,14 +98,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
-    parser.add_argument("--prior-steps", type=int)
-    parser.add_argument("--decoder-steps", type=int)
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
-    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--prior-num-inference-steps", type=int, help="prior denoising steps")
+    parser.add_argument("--num-inference-steps", type=int, help="decoder (UNet) denoising steps")
+    parser.add_argument("--guidance-scale", type=float, default=4.0, help="decoder guidance (default 4)")
+    parser.add_argument(
+        "--prior-guidance-scale", type=float, help="prior guidance (default: --guidance-scale)"
+    )
+    parser.add_argument("--num-images-per-prompt", type=int, default=1)
     parser.add_argument("--warmup", type=int, help="untimed runs before each measurement")
     parser.add_argument("--repeats", type=int, help="timed end-to-end requests (at least) per measurement")
     parser.add_argument("--component-repeats", type=int, help="timed calls per component and runtime")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        choices=LOOPS,
+        default=list(LOOPS),
+        help="where the denoising loops run: client (one request per step), server (the kandinsky model)",
+    )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        nargs="*",
+        default=[0.0, 1.0, 10.0],
+        help="added network round trips (ms) to measure both loops at, concurrency 1, through a delaying "
+        "proxy on loopback; 0 = no proxy; none = skip (default: 0 1 10)",
+    )
     parser.add_argument("--components", nargs="*", help="components to time (default: every exported one)")
     parser.add_argument(
         "--ort-sweep",
@@ -138,6 +172,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("repeats must be >= 1 and warm-up >= 0")
     if any(c < 1 for c in args.concurrency):
         parser.error("concurrency levels must be >= 1")
+    args.loops = list(dict.fromkeys(args.loops))
+    if any(r < 0 for r in args.rtt_ms):
+        parser.error("round trips must be >= 0 ms")
     return args
 
 

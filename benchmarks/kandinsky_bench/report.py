@@ -16,24 +16,112 @@ STAGE_LABELS = {
     "decoder": "decoder loop",
     "decode_image": "image decoding",
 }
+LOOP_LABELS = {"client": "client loop", "server": "server loop"}
+# Earlier targets (the served pipeline against diffusers, concurrency 1).
 TARGET_SPEEDUP = 1.25
 TARGET_OVERHEAD = 0.05
+# Issue 8's targets: the server loop's time outside model compute per denoising step (concurrency 1), the
+# server loop never slower than the client loop without added delay, and with an added round trip R
+# faster by at least (denoising steps) x R (75 x R for 25 + 50 steps).
+TARGET_OUTSIDE_PER_STEP_S = 0.5e-3
+
+
+def served_levels(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return result.get("served", {}).get("levels", [])
+
+
+def level_of(result: dict[str, Any], loop: str, concurrency: int) -> dict[str, Any] | None:
+    for level in served_levels(result):
+        if level.get("loop", "client") == loop and level["concurrency"] == concurrency:
+            return level
+    return None
+
+
+def denoising_steps(result: dict[str, Any]) -> int:
+    settings = result.get("settings", {})
+    return int(settings.get("prior_num_inference_steps", 0)) + int(settings.get("num_inference_steps", 0))
+
+
+def rtt_comparison(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per added round trip: both loops' p50 and how much faster the server loop is, vs steps x R."""
+    rows = result.get("served", {}).get("rtt", [])
+    steps = denoising_steps(result)
+    out = []
+    for rtt in sorted({row["rtt_ms"] for row in rows}):
+        by_loop = {row["loop"]: row for row in rows if row["rtt_ms"] == rtt}
+        if not {"client", "server"} <= set(by_loop):
+            continue
+        client, server = by_loop["client"]["latency"], by_loop["server"]["latency"]
+        saved = client["p50"] - server["p50"]
+        target = steps * rtt / 1e3
+        out.append(
+            {
+                "rtt_ms": rtt,
+                "measured_rtt_ms": by_loop["client"].get("measured_rtt_ms", 0.0),
+                "client_p50_s": client["p50"],
+                "server_p50_s": server["p50"],
+                "saved_p50_s": saved,
+                "saved_mean_s": client["mean"] - server["mean"],
+                "speedup": client["p50"] / server["p50"],
+                "target_saved_s": target,
+                # At R = 0 the target is "never slower": saved >= 0.
+                "met": saved >= target,
+            }
+        )
+    return out
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
-    """The issue's CPU targets, evaluated on this run's numbers (None where a part was skipped)."""
-    levels = {level["concurrency"]: level for level in result.get("served", {}).get("levels", [])}
+    """The targets, evaluated on this run's numbers (absent where a part was skipped)."""
     baseline = result.get("baseline")
-    out: dict[str, Any] = {"speedup_target": TARGET_SPEEDUP, "overhead_target": TARGET_OVERHEAD}
-    first = levels.get(1)
-    if first and baseline:
-        out["speedup_p50_concurrency_1"] = baseline["latency"]["p50"] / first["latency"]["p50"]
-        out["speedup_met"] = out["speedup_p50_concurrency_1"] >= TARGET_SPEEDUP
-    if first:
-        out["overhead_share_concurrency_1"] = first["overhead"]["share"]
-        out["overhead_met"] = first["overhead"]["share"] < TARGET_OVERHEAD
-    if first and levels.get(4):
-        out["throughput_4_vs_1"] = levels[4]["images_per_s"] / first["images_per_s"]
+    out: dict[str, Any] = {
+        "speedup_target": TARGET_SPEEDUP,
+        "overhead_target": TARGET_OVERHEAD,
+        "outside_per_step_target_s": TARGET_OUTSIDE_PER_STEP_S,
+    }
+    loops = result.get("served", {}).get("loops", [])
+    for loop in loops:
+        first = level_of(result, loop, 1)
+        if first is None:
+            continue
+        if baseline:
+            out.setdefault("speedup_vs_diffusers", {})[loop] = (
+                baseline["latency"]["p50"] / first["latency"]["p50"]
+            )
+        out.setdefault("overhead_share_concurrency_1", {})[loop] = first["overhead"]["share"]
+        out.setdefault("outside_per_step_concurrency_1_s", {})[loop] = first["overhead"]["outside_per_step_s"]
+        fourth = level_of(result, loop, 4)
+        if fourth:
+            out.setdefault("throughput_4_vs_1", {})[loop] = fourth["images_per_s"] / first["images_per_s"]
+    if "server" in out.get("outside_per_step_concurrency_1_s", {}):
+        out["outside_per_step_met"] = (
+            out["outside_per_step_concurrency_1_s"]["server"] <= TARGET_OUTSIDE_PER_STEP_S
+        )
+    comparisons = []
+    for level in served_levels(result):
+        if level.get("loop") != "server":
+            continue
+        client = level_of(result, "client", level["concurrency"])
+        if client is None:
+            continue
+        comparisons.append(
+            {
+                "concurrency": level["concurrency"],
+                "client_p50_s": client["latency"]["p50"],
+                "server_p50_s": level["latency"]["p50"],
+                "speedup": client["latency"]["p50"] / level["latency"]["p50"],
+                "not_slower": level["latency"]["p50"] <= client["latency"]["p50"],
+            }
+        )
+    if comparisons:
+        out["server_vs_client"] = comparisons
+        out["server_not_slower_met"] = all(c["not_slower"] for c in comparisons)
+    rtt = rtt_comparison(result)
+    if rtt:
+        out["rtt"] = rtt
+        added = [row for row in rtt if row["rtt_ms"] > 0]
+        if added:
+            out["rtt_met"] = all(row["met"] for row in added)
     return out
 
 
@@ -49,15 +137,24 @@ def _ms(value: float) -> str:
     return f"{1000 * value:.1f}"
 
 
+def _ms2(value: float) -> str:
+    return f"{1000 * value:.2f}"
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def _per_exec(level: dict[str, Any], model: str) -> str:
+    stats = level["models"].get(model)
+    return f"{stats['requests_per_execution']:.2f}" if stats and stats["executions"] else "n/a"
 
 
 def end_to_end_rows(result: dict[str, Any]) -> list[str]:
     header = (
         "| run | concurrency | requests | p50 s | p90 s | p99 s | images/s | "
         + " | ".join(f"{STAGE_LABELS[s]} p50 s" for s in STAGES)
-        + " | outside compute |"
+        + " | outside compute | outside compute ms/step | unet requests/execution | prior requests/execution |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     baseline = result.get("baseline")
@@ -67,15 +164,59 @@ def end_to_end_rows(result: dict[str, Any]) -> list[str]:
             f"| {baseline['label']}, {baseline['torch_threads']} torch threads | 1 | {lat['n']} | "
             f"{_s(lat['p50'])} | {_s(lat['p90'])} | {_s(lat['p99'])} | {baseline['images_per_s']:.3f} | "
             + " | ".join(_s(baseline["stages"][s]["p50"]) for s in STAGES)
-            + " | n/a |"
+            + " | n/a | n/a | n/a | n/a |"
         )
-    for level in result.get("served", {}).get("levels", []):
+    for level in served_levels(result):
         lat = level["latency"]
+        o = level["overhead"]
         rows.append(
-            f"| served (Triton, ONNX Runtime) | {level['concurrency']} | {level['requests']} | "
+            f"| served, {LOOP_LABELS[level.get('loop', 'client')]} | {level['concurrency']} | {level['requests']} | "
             f"{_s(lat['p50'])} | {_s(lat['p90'])} | {_s(lat['p99'])} | {level['images_per_s']:.3f} | "
             + " | ".join(_s(level["stages"][s]["p50"]) for s in STAGES)
-            + f" | {_pct(level['overhead']['share'])} |"
+            + f" | {_pct(o['share'])} | {_ms2(o['outside_per_step_s'])} | {_per_exec(level, 'unet')} | "
+            f"{_per_exec(level, 'prior')} |"
+        )
+    return rows
+
+
+def loops_rows(result: dict[str, Any]) -> list[str]:
+    """Loops x concurrency: the two loops side by side."""
+    columns: list[tuple[str, Any]] = [
+        ("p50 s", lambda lv: _s(lv["latency"]["p50"])),
+        ("p90 s", lambda lv: _s(lv["latency"]["p90"])),
+        ("p99 s", lambda lv: _s(lv["latency"]["p99"])),
+        ("images/s", lambda lv: f"{lv['images_per_s']:.3f}"),
+        ("outside compute ms/step", lambda lv: _ms2(lv["overhead"]["outside_per_step_s"])),
+        ("unet requests/execution", lambda lv: _per_exec(lv, "unet")),
+        ("prior requests/execution", lambda lv: _per_exec(lv, "prior")),
+    ]
+    header = "| concurrency | " + " | ".join(f"{name} (client / server)" for name, _ in columns)
+    rows = [header + " | server vs client (p50) |", "|---|" + "---|" * (len(columns) + 1)]
+    for concurrency in sorted({level["concurrency"] for level in served_levels(result)}):
+        client = level_of(result, "client", concurrency)
+        server = level_of(result, "server", concurrency)
+        cells = [
+            " / ".join(value(level) if level else "n/a" for level in (client, server)) for _, value in columns
+        ]
+        ratio = f"{client['latency']['p50'] / server['latency']['p50']:.2f}x" if client and server else "n/a"
+        rows.append(f"| {concurrency} | " + " | ".join(cells) + f" | {ratio} |")
+    return rows
+
+
+def rtt_rows(result: dict[str, Any]) -> list[str]:
+    """Loops x added round trip (concurrency 1)."""
+    steps = denoising_steps(result)
+    rows = [
+        f"| added round trip R | measured | client p50 s | server p50 s | server faster by (p50) | "
+        f"target: {steps} x R | met | server vs client |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rtt_comparison(result):
+        target = "not slower" if row["rtt_ms"] == 0 else f"{_s(row['target_saved_s'])} s"
+        rows.append(
+            f"| {row['rtt_ms']:g} ms | {row['measured_rtt_ms']:.2f} ms | {_s(row['client_p50_s'])} | "
+            f"{_s(row['server_p50_s'])} | {_s(row['saved_p50_s'])} s | {target} | "
+            f"{'yes' if row['met'] else '**no**'} | {row['speedup']:.2f}x |"
         )
     return rows
 
@@ -108,17 +249,18 @@ def component_rows(result: dict[str, Any]) -> list[str]:
 def server_rows(level: dict[str, Any]) -> list[str]:
     count = level["requests"]
     rows = [
-        "| model | requests | executions | requests/execution | queue ms/request | compute_input ms/request "
-        "| compute_infer ms/request | compute_output ms/request |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | requests | executions | requests/execution | batch items/execution | queue ms/request "
+        "| compute_input ms/request | compute_infer ms/request | compute_output ms/request |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, stats in level["models"].items():
         if not stats["requests"]:
             continue
         rows.append(
             f"| {model} | {stats['requests']} | {stats['executions']} | {stats['requests_per_execution']:.2f} | "
-            f"{_ms(stats['queue_s'] / count)} | {_ms(stats['compute_input_s'] / count)} | "
-            f"{_ms(stats['compute_infer_s'] / count)} | {_ms(stats['compute_output_s'] / count)} |"
+            f"{stats['inferences_per_execution']:.2f} | {_ms(stats['queue_s'] / count)} | "
+            f"{_ms(stats['compute_input_s'] / count)} | {_ms(stats['compute_infer_s'] / count)} | "
+            f"{_ms(stats['compute_output_s'] / count)} |"
         )
     return rows
 
@@ -126,27 +268,80 @@ def server_rows(level: dict[str, Any]) -> list[str]:
 def overhead_rows(level: dict[str, Any]) -> list[str]:
     o = level["overhead"]
     count = level["requests"]
+    steps = level.get("denoising_steps_per_request", 0) or 1
+    end_to_end = o["end_to_end_s"]
+
+    def row(label: str, seconds: float) -> str:
+        return (
+            f"| {label} | {_s(seconds / count)} | {_ms2(seconds / count / steps)} | "
+            f"{_pct(seconds / end_to_end)} |"
+        )
+
+    where = "client" if level.get("loop", "client") == "client" else "server"
     rows = [
-        "| per request | seconds | share of end to end |",
-        "|---|---|---|",
-        f"| end to end (client wall time) | {_s(o['end_to_end_s'] / count)} | 100% |",
-        f"| model compute (Triton compute_infer) | {_s(o['compute_s'] / count)} | "
-        f"{_pct(o['compute_s'] / o['end_to_end_s'])} |",
-        f"| outside model compute | {_s(o['outside_s'] / count)} | {_pct(o['share'])} |",
-        f"| of which: Triton queue | {_s(o['queue_s'] / count)} | {_pct(o['queue_s'] / o['end_to_end_s'])} |",
-        f"| of which: tensor copies in/out of the python models | {_s(o['compute_io_s'] / count)} | "
-        f"{_pct(o['compute_io_s'] / o['end_to_end_s'])} |",
-        f"| of which: client, serialization, transport | {_s(o['client_and_transport_s'] / count)} | "
-        f"{_pct(o['client_and_transport_s'] / o['end_to_end_s'])} |",
+        "| per request | seconds | ms per denoising step | share of end to end |",
+        "|---|---|---|---|",
+        row("end to end (client wall time)", end_to_end),
+        row("model compute (Triton compute_infer of the network models)", o["compute_s"]),
+        row("**outside model compute**", o["outside_s"]),
+        row(f"of which: in the generation core ({where}), outside compute", o["loop_outside_compute_s"]),
+        row("of which: outside the generation core", o["outside_loop_s"]),
+        row("of which: Triton queue (network models)", o["queue_s"]),
+        row("of which: tensor copies in/out of the python models", o["compute_io_s"]),
     ]
     for stage in STAGES:
         s = level["stages"][stage]
         outside = s["mean"] - s["server_compute_per_request_s"]
         rows.append(
-            f"| {STAGE_LABELS[stage]}: client {_s(s['mean'])} s, compute {_s(s['server_compute_per_request_s'])} s"
-            f" | {_s(outside)} | {_pct(outside / (o['end_to_end_s'] / count))} |"
+            f"| {STAGE_LABELS[stage]}: {_s(s['mean'])} s, compute {_s(s['server_compute_per_request_s'])} s"
+            f" | {_s(outside)} | | {_pct(outside / (end_to_end / count))} |"
         )
     return rows
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def target_lines(t: dict[str, Any]) -> list[str]:
+    lines = []
+    per_step = t.get("outside_per_step_concurrency_1_s", {})
+    if per_step:
+        values = ", ".join(f"{LOOP_LABELS[loop]} {_ms2(v)} ms" for loop, v in per_step.items())
+        verdict = (
+            f" (target for the server loop <= {_ms2(t['outside_per_step_target_s'])} ms: "
+            f"{_verdict(t['outside_per_step_met'])})"
+            if "outside_per_step_met" in t
+            else ""
+        )
+        lines.append(f"- time outside model compute per denoising step, concurrency 1: {values}{verdict}")
+    if "server_vs_client" in t:
+        ratios = ", ".join(f"c={c['concurrency']} {c['speedup']:.2f}x" for c in t["server_vs_client"])
+        lines.append(
+            f"- server loop vs client loop, p50, no added delay: {ratios} (target: never slower: "
+            f"{_verdict(t['server_not_slower_met'])})"
+        )
+    for row in t.get("rtt", []):
+        if row["rtt_ms"] == 0:
+            continue
+        lines.append(
+            f"- added round trip {row['rtt_ms']:g} ms: server loop faster by {_s(row['saved_p50_s'])} s "
+            f"(p50; mean {_s(row['saved_mean_s'])} s); target {_s(row['target_saved_s'])} s: "
+            f"{_verdict(row['met'])}"
+        )
+    for loop, value in t.get("speedup_vs_diffusers", {}).items():
+        lines.append(
+            f"- {LOOP_LABELS[loop]} p50 at concurrency 1 vs diffusers: **{value:.2f}x** "
+            f"(earlier target >= {t['speedup_target']}x: {_verdict(value >= t['speedup_target'])})"
+        )
+    for loop, value in t.get("overhead_share_concurrency_1", {}).items():
+        lines.append(
+            f"- {LOOP_LABELS[loop]}, time outside model compute at concurrency 1: {_pct(value)} of end to end "
+            f"(earlier target < {_pct(t['overhead_target'])}: {_verdict(value < t['overhead_target'])})"
+        )
+    for loop, value in t.get("throughput_4_vs_1", {}).items():
+        lines.append(f"- {LOOP_LABELS[loop]}, throughput at concurrency 4 vs 1: {value:.2f}x")
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -157,52 +352,58 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"- date: {result['date']}",
         f"- command: `{result['command']}`",
-        f"- settings: {settings['height']}x{settings['width']}, {settings['prior_steps']} prior + "
-        f"{settings['decoder_steps']} decoder steps, guidance {settings['guidance_scale']}, "
-        f"{settings['images_per_request']} image(s) per request, warm-up {settings['warmup']}, "
-        f"repeats {settings['repeats']} (components {settings['component_repeats']}), "
-        f"protocol {settings['protocol']}, repository {settings['repository_options']}",
+        f"- settings: {settings['height']}x{settings['width']}, {settings['prior_num_inference_steps']} prior + "
+        f"{settings['num_inference_steps']} decoder steps, guidance {settings['guidance_scale']} "
+        f"(prior {settings['prior_guidance_scale']}), {settings['num_images_per_prompt']} image(s) per request, "
+        f"warm-up {settings['warmup']}, repeats {settings['repeats']} "
+        f"(components {settings['component_repeats']}), protocol {settings['protocol']}, "
+        f"repository {settings['repository_options']}",
         f"- server: {settings['server']}",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM, GPU: {gpu}; "
-        f"load average at start {machine['load_average_start']}, at end {machine.get('load_average_end')}",
+        f"load average at start {machine['load_average_start']}"
+        + (
+            f", before the round-trip runs {machine['load_average_before_rtt']}"
+            if "load_average_before_rtt" in machine
+            else ""
+        )
+        + f", at end {machine.get('load_average_end')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]
     if settings["preset"] == "tiny":
-        lines.append("- **tiny preset: a smoke run, its numbers mean nothing**")
+        lines.append(
+            "- **tiny preset: model compute is tiny, so only the time outside it (the loops' overhead) "
+            "means something; the diffusers and component numbers mean nothing**"
+        )
     t = result.get("targets", {})
-    lines += ["", "## End to end, per request", "", *end_to_end_rows(result), ""]
-    if "speedup_p50_concurrency_1" in t:
-        verdict = "met" if t["speedup_met"] else "not met"
-        lines.append(
-            f"- served p50 at concurrency 1 is **{t['speedup_p50_concurrency_1']:.2f}x** the diffusers "
-            f"baseline's speed (target >= {t['speedup_target']}x: {verdict})"
-        )
-    if "overhead_share_concurrency_1" in t:
-        verdict = "met" if t["overhead_met"] else "not met"
-        lines.append(
-            f"- time outside model compute at concurrency 1: **{_pct(t['overhead_share_concurrency_1'])}** "
-            f"of end to end (target < {_pct(t['overhead_target'])}: {verdict})"
-        )
-    if "throughput_4_vs_1" in t:
-        lines.append(f"- throughput at concurrency 4 vs 1: **{t['throughput_4_vs_1']:.2f}x**")
-    levels = result.get("served", {}).get("levels", [])
+    lines += ["", "## Targets", "", *target_lines(t)]
+    levels = served_levels(result)
     if levels:
-        first = levels[0]
+        lines += ["", "## Loops x concurrency (no added delay)", "", *loops_rows(result)]
+    if result.get("served", {}).get("rtt"):
+        lines += ["", "## Loops x added network round trip (concurrency 1)", "", *rtt_rows(result)]
+    lines += ["", "## End to end, per request", "", *end_to_end_rows(result)]
+    for level in levels:
+        if level["concurrency"] != 1:
+            continue
         lines += [
             "",
-            f"## Overhead at concurrency {first['concurrency']} (Triton statistics, deltas over the window)",
+            f"## Overhead at concurrency 1, {LOOP_LABELS[level.get('loop', 'client')]} "
+            "(Triton statistics, deltas over the window)",
             "",
-            *overhead_rows(first),
+            *overhead_rows(level),
             "",
-            *server_rows(first),
+            *server_rows(level),
         ]
-        for level in levels[1:]:
-            lines += [
-                "",
-                f"### Server statistics at concurrency {level['concurrency']}",
-                "",
-                *server_rows(level),
-            ]
+    for level in levels:
+        if level["concurrency"] == 1:
+            continue
+        lines += [
+            "",
+            f"### Server statistics, {LOOP_LABELS[level.get('loop', 'client')]}, concurrency "
+            f"{level['concurrency']}",
+            "",
+            *server_rows(level),
+        ]
     if result.get("components"):
         lines += [
             "",
@@ -214,7 +415,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
-    """Latency by stage (stacked p50 bars) and throughput vs concurrency, side by side."""
+    """Latency by stage at concurrency 1, throughput and p50 latency vs concurrency, latency vs added
+    round trip; one line per loop."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,45 +428,76 @@ def chart(result: dict[str, Any], path: Path) -> None:
         runs.append(
             ("diffusers", {s: baseline["stages"][s]["p50"] for s in STAGES}, baseline["latency"]["p50"])
         )
-    levels = result.get("served", {}).get("levels", [])
+    levels = served_levels(result)
+    loops = result.get("served", {}).get("loops", [])
     for level in levels:
-        runs.append(
-            (
-                f"served\nc={level['concurrency']}",
-                {s: level["stages"][s]["p50"] for s in STAGES},
-                level["latency"]["p50"],
+        if level["concurrency"] == 1:
+            runs.append(
+                (
+                    LOOP_LABELS[level.get("loop", "client")].replace(" ", "\n"),
+                    {s: level["stages"][s]["p50"] for s in STAGES},
+                    level["latency"]["p50"],
+                )
             )
-        )
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    (stages_ax, throughput_ax), (latency_ax, rtt_ax) = axes
     names = [name for name, _, _ in runs]
     bottoms = [0.0] * len(runs)
     for stage in STAGES:
         heights = [stages[stage] for _, stages, _ in runs]
-        left.bar(names, heights, bottom=bottoms, label=STAGE_LABELS[stage])
+        stages_ax.bar(names, heights, bottom=bottoms, label=STAGE_LABELS[stage])
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     other = [max(0.0, total - b) for (_, _, total), b in zip(runs, bottoms, strict=True)]
-    left.bar(names, other, bottom=bottoms, label="other (client)", color="lightgrey")
-    left.set_ylim(0, 1.08 * max([b + o for b, o in zip(bottoms, other, strict=True)] or [1.0]))
-    left.set_ylabel("seconds per request (p50 of each stage)")
-    left.set_title("Latency by stage")
-    left.legend(fontsize=8)
+    stages_ax.bar(names, other, bottom=bottoms, label="other", color="lightgrey")
+    stages_ax.set_ylim(0, 1.08 * max([b + o for b, o in zip(bottoms, other, strict=True)] or [1.0]))
+    stages_ax.set_ylabel("seconds per request (p50 of each stage)")
+    stages_ax.set_title("Latency by stage, concurrency 1")
+    stages_ax.legend(fontsize=8)
 
-    if levels:
-        conc = [level["concurrency"] for level in levels]
-        right.plot(conc, [level["images_per_s"] for level in levels], marker="o", label="served")
-        right.set_xscale("log", base=2)
-        right.set_xticks(conc, [str(c) for c in conc])
+    for loop in loops:
+        mine = [level for level in levels if level.get("loop", "client") == loop]
+        if not mine:
+            continue
+        conc = [level["concurrency"] for level in mine]
+        throughput_ax.plot(conc, [lv["images_per_s"] for lv in mine], marker="o", label=LOOP_LABELS[loop])
+        latency_ax.plot(conc, [lv["latency"]["p50"] for lv in mine], marker="o", label=LOOP_LABELS[loop])
+        for ax in (throughput_ax, latency_ax):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(conc, [str(c) for c in conc])
     if baseline:
-        right.axhline(baseline["images_per_s"], linestyle="--", color="grey", label="diffusers (sequential)")
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("images per second")
-    right.set_ylim(bottom=0)
-    right.set_title("Throughput vs concurrency")
-    right.legend(fontsize=8)
+        throughput_ax.axhline(
+            baseline["images_per_s"], linestyle="--", color="grey", label="diffusers (sequential)"
+        )
+    throughput_ax.set_ylabel("images per second")
+    throughput_ax.set_title("Throughput vs concurrency")
+    latency_ax.set_ylabel("p50 seconds per request")
+    latency_ax.set_title("Latency vs concurrency")
+    for ax in (throughput_ax, latency_ax):
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+
+    rtt = result.get("served", {}).get("rtt", [])
+    for loop in loops:
+        mine = sorted((row for row in rtt if row["loop"] == loop), key=lambda row: row["rtt_ms"])
+        if mine:
+            rtt_ax.plot(
+                [row["rtt_ms"] for row in mine],
+                [row["latency"]["p50"] for row in mine],
+                marker="o",
+                label=LOOP_LABELS[loop],
+            )
+    rtt_ax.set_xlabel("added network round trip (ms)")
+    rtt_ax.set_ylabel("p50 seconds per request")
+    rtt_ax.set_title("Latency vs added round trip, concurrency 1")
+    rtt_ax.set_ylim(bottom=0)
+    if rtt:
+        rtt_ax.legend(fontsize=8)
     settings = result["settings"]
     fig.suptitle(
         f"Kandinsky 2.2 `{settings['preset']}` {settings['height']}x{settings['width']}, "
-        f"{settings['prior_steps']}+{settings['decoder_steps']} steps, {result['machine']['cpu']}"
+        f"{settings['prior_num_inference_steps']}+{settings['num_inference_steps']} steps, "
+        f"{result['machine']['cpu']}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

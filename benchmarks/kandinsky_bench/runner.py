@@ -1,7 +1,8 @@
 """Runs a benchmark plan: artifacts, components, the diffusers baseline and the served measurements.
 
-The order keeps measurements from competing for the machine: components first, then the server starts
-and concurrency 1 alternates served requests with diffusers generations, then the higher concurrencies.
+The order keeps measurements from competing for the machine: components first, then the server starts;
+at concurrency 1 the client loop, the server loop and diffusers take turns request by request, then the
+higher concurrencies run one loop per window, then both loops behind the delaying proxy (added round trip).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from . import machine as machine_info
 
-PARTS = ("components", "baseline", "served")
+PARTS = ("components", "baseline", "served", "rtt")
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,17 @@ class BenchmarkPlan:
     preset: str
     height: int
     width: int
-    prior_steps: int
-    decoder_steps: int
+    prior_num_inference_steps: int
+    num_inference_steps: int
     repeats: int
     component_repeats: int
     warmup: int
     guidance_scale: float = 4.0
-    images_per_request: int = 1
+    prior_guidance_scale: float | None = None  # None: guidance_scale
+    num_images_per_prompt: int = 1
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    loops: list[str] = field(default_factory=lambda: ["client", "server"])
+    rtt_ms: list[float] = field(default_factory=lambda: [0.0, 1.0, 10.0])
     components: list[str] | None = None
     ort_sweep: bool = False
     skip: list[str] = field(default_factory=list)
@@ -77,7 +81,7 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
     from .artifacts import ensure_artifacts
     from .baseline import DiffusersBaseline, run_baseline
     from .components import bench_component, ort_variants
-    from .served import PROMPTS, Request, run_served
+    from .served import PROMPTS, Request, run_rtt, run_served, server_version
 
     progress = not plan.no_progress
     started = dt.datetime.now().astimezone()
@@ -104,6 +108,7 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
         torch.set_num_threads(os.cpu_count() or 1)  # the baseline as a user would run it: every core
     torch_threads = torch.get_num_threads()
 
+    prior_guidance = plan.guidance_scale if plan.prior_guidance_scale is None else plan.prior_guidance_scale
     cuda_ep = device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
     result: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
@@ -115,14 +120,17 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
             "repository": str(artifacts.repository),
             "height": plan.height,
             "width": plan.width,
-            "prior_steps": plan.prior_steps,
-            "decoder_steps": plan.decoder_steps,
+            "prior_num_inference_steps": plan.prior_num_inference_steps,
+            "num_inference_steps": plan.num_inference_steps,
             "guidance_scale": plan.guidance_scale,
-            "images_per_request": plan.images_per_request,
+            "prior_guidance_scale": prior_guidance,
+            "num_images_per_prompt": plan.num_images_per_prompt,
             "warmup": plan.warmup,
             "repeats": plan.repeats,
             "component_repeats": plan.component_repeats,
+            "loops": plan.loops,
             "concurrency": plan.concurrency,
+            "rtt_ms": plan.rtt_ms,
             "protocol": plan.protocol,
             "server": plan.url or "started by the benchmark on the generated repository",
             "torch_device": device,
@@ -145,7 +153,7 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
                 checkpoint,
                 artifacts.bundle,
                 name,
-                images=plan.images_per_request,
+                images=plan.num_images_per_prompt,
                 height=plan.height,
                 width=plan.width,
                 warmup=plan.warmup,
@@ -166,9 +174,10 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
             prompt=PROMPTS[0],
             height=plan.height,
             width=plan.width,
-            prior_steps=plan.prior_steps,
-            decoder_steps=plan.decoder_steps,
+            prior_num_inference_steps=plan.prior_num_inference_steps,
+            num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
+            prior_guidance_scale=prior_guidance,
             device=device,
             dtype="float16" if device == "cuda" else "float32",
         )
@@ -180,14 +189,16 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
             baseline, warmup=plan.warmup, repeats=plan.repeats, progress=progress
         )
 
-    if "served" not in plan.skip:
+    served_parts = [part for part in ("served", "rtt") if part not in plan.skip]
+    if served_parts:
         request = Request(
-            plan.height,
-            plan.width,
-            plan.prior_steps,
-            plan.decoder_steps,
-            plan.guidance_scale,
-            plan.images_per_request,
+            height=plan.height,
+            width=plan.width,
+            prior_num_inference_steps=plan.prior_num_inference_steps,
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=plan.guidance_scale,
+            prior_guidance_scale=prior_guidance,
+            num_images_per_prompt=plan.num_images_per_prompt,
         )
         with contextlib.ExitStack() as stack:
             url = plan.url
@@ -201,16 +212,33 @@ def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
                 )
                 stack.enter_context(server)
                 url = server.grpc_url if plan.protocol == "grpc" else server.http_url
-            served = run_served(
-                url,
-                plan.protocol,
-                request,
-                concurrency_levels=plan.concurrency,
-                warmup=plan.warmup,
-                repeats=plan.repeats,
-                baseline=baseline if interleave else None,
-                progress=progress,
-            )
+            served: dict[str, Any] = {"protocol": plan.protocol, "loops": plan.loops}
+            if "served" in served_parts:
+                served = run_served(
+                    url,
+                    plan.protocol,
+                    request,
+                    loops=plan.loops,
+                    concurrency_levels=plan.concurrency,
+                    warmup=plan.warmup,
+                    repeats=plan.repeats,
+                    baseline=baseline if interleave else None,
+                    progress=progress,
+                )
+            if "rtt" in served_parts and plan.rtt_ms:
+                result["machine"]["load_average_before_rtt"] = machine_info.load_average()
+                served["rtt"] = run_rtt(
+                    url,
+                    plan.protocol,
+                    request,
+                    loops=plan.loops,
+                    rtt_ms=plan.rtt_ms,
+                    warmup=plan.warmup,
+                    repeats=plan.repeats,
+                    progress=progress,
+                )
+            if "server_version" not in served:
+                served["server_version"] = server_version(url, plan.protocol)
         if interleave:
             result["baseline"] = baseline.summarize(served.pop("baseline_runs"), interleaved=True)
         result["served"] = served

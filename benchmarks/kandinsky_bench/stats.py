@@ -109,3 +109,20 @@ def speedup(baseline_s: float, candidate_s: float) -> float:
     if candidate_s <= 0:
         raise ValueError(f"candidate time must be positive, got {candidate_s}")
     return baseline_s / candidate_s
+
+
+def per_execution(counters: Mapping[str, int]) -> dict[str, float]:
+    """How many requests, and how many batch items, one execution of a model served (deltas).
+
+    `requests_per_execution` = successful requests / executions: above 1, the dynamic batcher merged
+    requests. `inferences_per_execution` = Triton's inference_count / execution_count: inference_count
+    counts batch items (a request of batch 2, as classifier-free guidance sends, counts 2), so it is the
+    mean batch an execution ran. Both are 0 for a model that did not run.
+    """
+    executions = counters.get("execution_count", 0)
+    if not executions:
+        return {"requests_per_execution": 0.0, "inferences_per_execution": 0.0}
+    return {
+        "requests_per_execution": counters.get("success_count", 0) / executions,
+        "inferences_per_execution": counters.get("inference_count", 0) / executions,
+    }

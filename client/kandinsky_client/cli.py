@@ -3,16 +3,18 @@
     kandinsky-client generate "a photo of a cat" --output cat.png
     kandinsky-client generate "a castle" --negative-prompt "blurry" --height 768 --width 768 \\
         --seed 42 --url localhost:8000 --protocol http --output castle.png
-    kandinsky-client variations photo.png --num-images 2 --output variation.png
+    kandinsky-client generate "a cat" --server-loop --output cat.png    # the loop runs in the server
+    kandinsky-client variations photo.png --num-images-per-prompt 2 --output variation.png
     kandinsky-client fuse "a snowy forest" @photo.png --weights 0.3 0.7 --output fused.png
     kandinsky-client img2img photo.png "a watercolor painting" --strength 0.5 --output painted.png
     kandinsky-client emb2emb photo.png "a watercolor painting" --strength 0.5 --output embedded.png
     kandinsky-client inpaint photo.png mask.png "a red hat" --output hat.png
     kandinsky-client outpaint photo.png "a wide beach" --left 128 --right 128 --output wide.png
 
-Input images may be any format Pillow reads; they are converted to RGB (transparency onto white).
-Masks: white = repaint, black = keep, the image's size. In `fuse`, an item starting with "@" is an
-image file, any other item a prompt.
+Options are the request fields with dashes (`--num-inference-steps` is `num_inference_steps`); their
+defaults are the request's (see `kandinsky_client.request`). Input images may be any format Pillow reads;
+they are converted to RGB (transparency onto white). Masks: white = repaint, black = keep, the image's
+size. In `fuse`, an item starting with "@" is an image file, any other item a prompt.
 
 Argument parsing only: the work is done by `KandinskyClient`.
 """
@@ -21,55 +23,112 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import KandinskyClientError
-from .pipeline import Generation, KandinskyClient, strength_steps
-from .transport import PROTOCOLS
+from .errors import InvalidRequest, KandinskyClientError
+from .generation import Generation
+from .pipeline import LOOPS, KandinskyClient
+from .request import (
+    EMB2EMB,
+    FUSE,
+    IMAGE_TO_IMAGE,
+    INPAINT,
+    OUTPAINT,
+    TEXT_TO_IMAGE,
+    VARIATIONS,
+    GenerationRequest,
+    field_specs,
+    mode_fields,
+)
+from .transport import DEFAULT_TIMEOUT_S, PROTOCOLS, check_timeout
 
 logger = logging.getLogger("kandinsky_client")
+
+# subcommand -> (mode, positional request fields, help)
+COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "generate": (TEXT_TO_IMAGE, ("prompt",), "text-to-image"),
+    "variations": (VARIATIONS, ("image",), "images like the input image (its CLIP embedding)"),
+    "fuse": (FUSE, ("images_and_prompts",), "a weighted mix of prompts and images (@file)"),
+    "img2img": (IMAGE_TO_IMAGE, ("image", "prompt"), "redraw an image following a prompt (decoder side)"),
+    "emb2emb": (EMB2EMB, ("image", "prompt"), "move an image's embedding towards a prompt (prior side)"),
+    "inpaint": (
+        INPAINT,
+        ("image", "mask_image", "prompt"),
+        "repaint the white part of a mask following a prompt",
+    ),
+    "outpaint": (OUTPAINT, ("image", "prompt"), "extend an image on any side following a prompt"),
+}
+_POSITIONAL_HELP = {
+    "prompt": "what the image should show",
+    "image": "input image file",
+    "mask_image": "mask file of the image's size: white = repaint, black = keep",
+    "images_and_prompts": 'prompts, and image files written "@path"',
+}
+_ARG_TYPES = {"int": int, "float": float, "string": str, "strings": str, "image": Path, "json": str}
+_NOT_FLAGS = {"mode", "latents", "output_type"}  # the CLI writes PNG files from seeded noise
+
+
+def add_request_arguments(parser: argparse.ArgumentParser, mode: str, positional: tuple[str, ...]) -> None:
+    """One option per request field the mode uses; unset options keep the request's defaults."""
+    specs = field_specs()
+    for name in positional:
+        nargs = "+" if name == "images_and_prompts" else None
+        parser.add_argument(name, nargs=nargs, help=_POSITIONAL_HELP[name])
+    for name in mode_fields(mode):
+        if name in positional or name in _NOT_FLAGS:
+            continue
+        spec = specs[name]
+        wire = spec.metadata["wire"]
+        default = "" if spec.default is None else f" (default: {spec.default})"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=float if wire == "floats" else _ARG_TYPES[wire],
+            nargs="+" if wire == "floats" else None,
+            required=spec.metadata["required"],
+            default=argparse.SUPPRESS,
+            help=spec.metadata["help"] + default,
+        )
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="server address (default: localhost:8001 for grpc, :8000 for http)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds a request may take (> 0)"
+    )
+    parser.add_argument("--token", default=os.environ.get("KANDINSKY_TOKEN"), help="gateway bearer token")
+    parser.add_argument(
+        "--server-loop", action="store_true", help="run the denoising loops in the server (one request)"
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", "-o", type=Path, required=True, help="PNG path (several images: _0, _1, ...)"
     )
-    parser.add_argument("--seed", type=int, help="random seed (numpy); omit for a random one")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_decoder_arguments(parser: argparse.ArgumentParser, size_from_image: bool = False) -> None:
-    if size_from_image:
-        parser.add_argument("--height", type=int, help="output height (default: the input image's)")
-        parser.add_argument("--width", type=int, help="output width (default: the input image's)")
-    else:
-        parser.add_argument("--height", type=int, default=512)
-        parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--decoder-steps", type=int, default=50)
-    parser.add_argument("--decoder-guidance", type=float, default=4.0)
-
-
-def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--negative-prompt", help="what the image should not show")
-    parser.add_argument("--prior-steps", type=int, default=25)
-    parser.add_argument("--prior-guidance", type=float, default=4.0)
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(count)]
+
+
+def check_output(output: Path) -> None:
+    """Refuse an output path that cannot be written, before any generation work is done."""
+    if output.is_dir():
+        raise InvalidRequest("--output", f"'{output}' is a directory; give a file name such as image.png")
+    folder = output.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidRequest("--output", f"cannot write '{output}': '{existing}' is not a writable directory")
 
 
 def save_images(generation: Generation, output: Path) -> list[Path]:
@@ -80,159 +139,32 @@ def save_images(generation: Generation, output: Path) -> list[Path]:
     return paths
 
 
-def run_with_progress(
-    total_steps: int, enabled: bool, work: Callable[[Callable[[], None]], Generation]
-) -> Generation:
-    with tqdm(total=total_steps, desc="denoising", unit="step", disable=not enabled) as bar:
-        return work(lambda: bar.update(1))
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    mode = COMMANDS[args.command][0]
+    options = {name: getattr(args, name) for name in mode_fields(mode) if hasattr(args, name)}
+    if "images_and_prompts" in options:  # "@file" is an image file, anything else a prompt
+        options["images_and_prompts"] = [
+            Path(item[1:]) if item.startswith("@") else item for item in options["images_and_prompts"]
+        ]
+    return GenerationRequest.build(mode, **options)
 
 
-def generate(args: argparse.Namespace) -> Generation:
-    with KandinskyClient(args.url, protocol=args.protocol, timeout_s=args.timeout) as client:
-        return run_with_progress(
-            args.prior_steps + args.decoder_steps,
-            not args.no_progress,
-            lambda on_step: client.text_to_image(
-                args.prompt,
-                negative_prompt=args.negative_prompt,
-                num_images_per_prompt=args.num_images,
-                height=args.height,
-                width=args.width,
-                prior_steps=args.prior_steps,
-                prior_guidance_scale=args.prior_guidance,
-                decoder_steps=args.decoder_steps,
-                decoder_guidance_scale=args.decoder_guidance,
-                seed=args.seed,
-                on_step=on_step,
-            ),
-        )
+def run(args: argparse.Namespace) -> Generation:
+    check_output(args.output)
+    check_timeout(args.timeout)
+    request = request_from_args(args)
+    loop = LOOPS[1] if args.server_loop else LOOPS[0]
+    with KandinskyClient(
+        args.url, protocol=args.protocol, timeout_s=args.timeout, loop=loop, token=args.token
+    ) as client:
+        total = client.total_steps(request)
+        with tqdm(total=total, desc="denoising", unit="step", disable=args.no_progress) as bar:
 
+            def advance(stage: str, step: int, timestep: int, latents: Any) -> None:
+                bar.set_postfix_str(stage, refresh=False)
+                bar.update(1)
 
-def _client(args: argparse.Namespace) -> KandinskyClient:
-    return KandinskyClient(args.url, protocol=args.protocol, timeout_s=args.timeout)
-
-
-def _common(args: argparse.Namespace, on_step: Callable[[], None]) -> dict:
-    """The decoder, seed and progress keywords every image mode takes."""
-    return {
-        "height": args.height,
-        "width": args.width,
-        "decoder_steps": args.decoder_steps,
-        "decoder_guidance_scale": args.decoder_guidance,
-        "seed": args.seed,
-        "on_step": on_step,
-    }
-
-
-def _prompted(args: argparse.Namespace, on_step: Callable[[], None]) -> dict:
-    """`_common` plus the prompt-side keywords of the modes that run the prior on a prompt."""
-    return {
-        **_common(args, on_step),
-        "negative_prompt": args.negative_prompt,
-        "num_images_per_prompt": args.num_images,
-        "prior_steps": args.prior_steps,
-        "prior_guidance_scale": args.prior_guidance,
-    }
-
-
-def variations(args: argparse.Namespace) -> Generation:
-    with _client(args) as client:
-        return run_with_progress(
-            args.decoder_steps,
-            not args.no_progress,
-            lambda on_step: client.variations(
-                args.image, num_images=args.num_images, **_common(args, on_step)
-            ),
-        )
-
-
-def fusion_item(item: str) -> str | Path:
-    """An item "@file" is an image file; anything else is a prompt."""
-    return Path(item[1:]) if item.startswith("@") else item
-
-
-def fuse(args: argparse.Namespace) -> Generation:
-    items = [fusion_item(item) for item in args.items]
-    prior_runs = sum(isinstance(item, str) for item in items)
-    prior_runs += bool(args.negative_prompt or args.negative_prior_prompt)
-    with _client(args) as client:
-        return run_with_progress(
-            args.prior_steps * prior_runs + args.decoder_steps,
-            not args.no_progress,
-            lambda on_step: client.fuse(
-                items,
-                args.weights,
-                negative_prior_prompt=args.negative_prior_prompt,
-                **{**_prompted(args, on_step), "negative_prompt": args.negative_prompt or ""},
-            ),
-        )
-
-
-def img2img(args: argparse.Namespace) -> Generation:
-    with _client(args) as client:
-        return run_with_progress(
-            args.prior_steps + strength_steps(args.decoder_steps, args.strength),
-            not args.no_progress,
-            lambda on_step: client.image_to_image(
-                args.image, args.prompt, strength=args.strength, **_prompted(args, on_step)
-            ),
-        )
-
-
-def emb2emb(args: argparse.Namespace) -> Generation:
-    with _client(args) as client:
-        return run_with_progress(
-            strength_steps(args.prior_steps, args.strength) + args.decoder_steps,
-            not args.no_progress,
-            lambda on_step: client.emb2emb(
-                args.image, args.prompt, strength=args.strength, **_prompted(args, on_step)
-            ),
-        )
-
-
-def inpaint(args: argparse.Namespace) -> Generation:
-    with _client(args) as client:
-        return run_with_progress(
-            args.prior_steps + args.decoder_steps,
-            not args.no_progress,
-            lambda on_step: client.inpaint(args.image, args.mask, args.prompt, **_prompted(args, on_step)),
-        )
-
-
-def outpaint(args: argparse.Namespace) -> Generation:
-    margins = {"left": args.left, "top": args.top, "right": args.right, "bottom": args.bottom}
-    with _client(args) as client:
-        return run_with_progress(
-            args.prior_steps + args.decoder_steps,
-            not args.no_progress,
-            lambda on_step: client.outpaint(args.image, args.prompt, **margins, **_prompted(args, on_step)),
-        )
-
-
-def _mode_parser(
-    sub: argparse._SubParsersAction,
-    name: str,
-    help_text: str,
-    handler: Callable[[argparse.Namespace], Generation],
-) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.set_defaults(handler=handler)
-    return parser
-
-
-def _finish(parser: argparse.ArgumentParser, *, prior: bool = True, size_from_image: bool = False) -> None:
-    """The options shared by the modes, after each mode's own positional arguments."""
-    if prior:
-        add_prior_arguments(parser)
-    add_decoder_arguments(parser, size_from_image)
-    add_output_arguments(parser)
-    add_connection_arguments(parser)
-
-
-def _strength(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--strength", type=float, default=0.3, help=f"part of the {what} schedule to run, in (0, 1]"
-    )
+            return client.generate(request, callback_on_step_end=advance)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,48 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kandinsky-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    text = sub.add_parser("generate", help="text-to-image")
-    text.add_argument("prompt", help="what the image should show")
-    add_prior_arguments(text)
-    add_decoder_arguments(text)
-    add_output_arguments(text)
-    add_connection_arguments(text)
-    text.set_defaults(handler=generate)
-
-    mode = _mode_parser(sub, "variations", "images like the input image (its CLIP embedding)", variations)
-    mode.add_argument("image", help="input image file")
-    _finish(mode, prior=False)
-
-    mode = _mode_parser(sub, "fuse", "a weighted mix of prompts and images (@file)", fuse)
-    mode.add_argument("items", nargs="+", help='prompts, and image files written "@path"')
-    mode.add_argument("--weights", type=float, nargs="+", required=True, help="one weight >= 0 per item")
-    mode.add_argument("--negative-prior-prompt", help="negative prompt of the prior runs")
-    _finish(mode)
-
-    mode = _mode_parser(sub, "img2img", "redraw an image following a prompt (decoder side)", img2img)
-    mode.add_argument("image", help="input image file")
-    mode.add_argument("prompt", help="what the image should show")
-    _strength(mode, "decoder")
-    _finish(mode, size_from_image=True)
-
-    mode = _mode_parser(sub, "emb2emb", "move an image's embedding towards a prompt (prior side)", emb2emb)
-    mode.add_argument("image", help="input image file")
-    mode.add_argument("prompt", help="what the image should show")
-    _strength(mode, "prior")
-    _finish(mode)
-
-    mode = _mode_parser(sub, "inpaint", "repaint the white part of a mask following a prompt", inpaint)
-    mode.add_argument("image", help="input image file")
-    mode.add_argument("mask", help="mask file of the image's size: white = repaint, black = keep")
-    mode.add_argument("prompt", help="what the repainted part should show")
-    _finish(mode, size_from_image=True)
-
-    mode = _mode_parser(sub, "outpaint", "extend an image on any side following a prompt", outpaint)
-    mode.add_argument("image", help="input image file")
-    mode.add_argument("prompt", help="what the new area should show")
-    for side in ("left", "top", "right", "bottom"):
-        mode.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
-    _finish(mode, size_from_image=True)
+    for command, (mode, positional, help_text) in COMMANDS.items():
+        mode_parser = sub.add_parser(command, help=help_text, description=f"{help_text} (mode {mode})")
+        add_request_arguments(mode_parser, mode, positional)
+        add_output_arguments(mode_parser)
+        add_connection_arguments(mode_parser)
     return parser
 
 
@@ -289,14 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        generation = args.handler(args)
+        generation = run(args)
     except KandinskyClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
     for path in save_images(generation, args.output):
         print(f"wrote {path}")
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in generation.timings.items())
-    logger.info("timings: %s", timings)
+    logger.info("seed %s; timings: %s", generation.seed, timings)
     return 0
 
 

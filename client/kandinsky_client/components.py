@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
 
 BATCH = "batch"
 DYNAMIC_SYMBOLS = frozenset({BATCH, "height", "width", "latent_height", "latent_width"})
@@ -20,6 +23,14 @@ DYNAMIC_SYMBOLS = frozenset({BATCH, "height", "width", "latent_height", "latent_
 # How many images one request may ask for. The batch a model sees follows from it: the prior and text
 # encoder run [prompts, negative prompts] x [uncond, cond]; the UNet runs [uncond, cond].
 MAX_IMAGES_PER_REQUEST = 4
+
+# A prompt's length in UTF-8 bytes, checked before tokenizing: CLIP keeps 77 tokens of it anyway, and an
+# unbounded prompt ties up the tokenizer (1 MB prompts took seconds and hundreds of MB each).
+MAX_PROMPT_BYTES = 8192
+
+# Largest side of an image sent to `preprocess_clip_image` / `encode_image`. CLIP resizes to 224 px, so a
+# larger input brings nothing but memory; clients shrink larger images to this first (images.fit_within).
+MAX_INPUT_IMAGE_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -319,3 +330,17 @@ SERVED_MODELS: dict[str, ServedModelSpec] = {
         ENCODE_LATENTS,
     )
 }
+
+
+def model_inputs(spec: ModelSpec, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """`inputs` as the served model takes them: cast to the spec's dtypes, per-item scalars as [batch, 1].
+
+    Every transport (gRPC/HTTP on the client, BLS in the server) sends what this returns.
+    """
+    arrays = {}
+    for tensor in spec.inputs:
+        value = np.asarray(inputs[tensor.name], dtype=np.object_ if tensor.dtype == "bytes" else tensor.dtype)
+        if tensor.shape == (BATCH,):
+            value = value.reshape(-1, 1)  # served as dims [1] reshaped to a per-item scalar
+        arrays[tensor.name] = np.ascontiguousarray(value)
+    return arrays

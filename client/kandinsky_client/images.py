@@ -26,6 +26,11 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InvalidRequest
 
 IMAGE_TYPES = "a PIL image, a path to an image file, file bytes, or a uint8 array [H, W] / [H, W, 3|4]"
+# Image files larger than this are refused before they are decoded (a small file can declare a huge
+# image). 40 megapixels holds any camera photo; decoded RGB it is 120 MB. Bigger inputs bring nothing:
+# CLIP sees 224x224 and the MoVQ at most the maximum generation size.
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_FILE_BYTES = 32 * 1024 * 1024
 # diffusers' prepare_mask: a pixel to repaint also marks these neighbours (row, column offsets) for
 # repainting. It is a 3x3 neighbourhood without the anti-diagonal corners (-1, +1) and (+1, -1).
 MASK_GROWTH_OFFSETS = ((-1, 0), (0, -1), (-1, -1), (1, 0), (0, 1), (1, 1))
@@ -40,6 +45,10 @@ def _open(value: Any, field: str) -> Image.Image:
     if isinstance(value, bytes | bytearray):
         if not value:
             raise InvalidRequest(field, "is empty (0 bytes); expected an image file (PNG, JPEG, WebP, ...)")
+        if len(value) > MAX_IMAGE_FILE_BYTES:
+            raise InvalidRequest(
+                field, f"is {len(value)} bytes; image files may have at most {MAX_IMAGE_FILE_BYTES}"
+            )
         source: Any = io.BytesIO(value)
         name = "the given bytes"
     elif isinstance(value, str | Path):
@@ -55,9 +64,19 @@ def _open(value: Any, field: str) -> Image.Image:
         raise InvalidRequest(field, f"must be {IMAGE_TYPES}; got {type(value).__name__}")
     try:
         image = Image.open(source)
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # known from the header, before decoding
+            raise InvalidRequest(
+                field,
+                f"{name} is {image.width}x{image.height} pixels; at most {MAX_IMAGE_PIXELS} pixels "
+                "(larger images bring nothing: they are resized to the generation size)",
+            )
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise InvalidRequest(field, f"{name} is not a readable image file ({error})") from error
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, InvalidRequest):
+            raise
+        # PIL's own message for an unknown format names a buffer's address: keep messages reproducible.
+        reason = "unknown or unsupported format" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise InvalidRequest(field, f"{name} is not a readable image file ({reason})") from error
     return image
 
 
@@ -90,6 +109,19 @@ def load_image(value: Any, field: str = "image") -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise InvalidRequest(field, f"is {image.width}x{image.height} pixels; an image needs at least 1x1")
     return image
+
+
+def fit_within(image: Image.Image, largest_side: int) -> Image.Image:
+    """`image` shrunk (bicubic, aspect kept) so that no side exceeds `largest_side`; unchanged if it fits.
+
+    Used before CLIP pre-processing, which the server accepts up to MAX_INPUT_IMAGE_SIDE: an image larger
+    than that is reduced here, in two resizes instead of diffusers' one (a documented, tiny difference).
+    """
+    if max(image.size) <= largest_side:
+        return image
+    scale = largest_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, resample=Image.Resampling.BICUBIC)
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:

@@ -1,37 +1,76 @@
 """One connection to a Triton server over gRPC or HTTP, speaking in numpy arrays named by the registry.
 
 Request tensors are cast and shaped from the component registry, so the client cannot send a tensor the
-served model does not declare. Transport errors become `ServerUnavailable`, `ModelNotReady` or
-`InferenceFailed` with the server's message.
+served model does not declare. Every call, readiness checks included, is bounded by `timeout_s`; the
+same limit goes to the server as the request's queue timeout, so a request the client gave up on is
+dropped from the server's queue rather than run (and gRPC cancels the call when its deadline passes).
+Transport errors become `ServerUnavailable`, `RequestTimeout`, `ModelNotReady`, `ServerBusy`,
+`InvalidRequest` or `InferenceFailed` with the server's message.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from .components import BATCH, ModelSpec
-from .errors import InferenceFailed, InvalidRequest, ModelNotReady, ServerUnavailable
+from .components import ModelSpec, model_inputs
+from .errors import (
+    InvalidRequest,
+    KandinskyClientError,
+    ModelNotReady,
+    RequestTimeout,
+    ServerUnavailable,
+    error_from_message,
+)
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+DEFAULT_TIMEOUT_S = 600.0
+
+T = TypeVar("T")
 
 
-def _numpy_dtype(dtype: str) -> Any:
-    return np.object_ if dtype == "bytes" else np.dtype(dtype)
+def check_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise InvalidRequest("timeout_s", f"is {value!r}; it must be a number of seconds > 0")
+    return float(value)
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """gevent/socket timeouts (HTTP) and DEADLINE_EXCEEDED (gRPC) all mean the time limit passed."""
+    if isinstance(error, InferenceServerException):
+        return "DEADLINE_EXCEEDED" in str(error.status()) or "Deadline Exceeded" in (error.message() or "")
+    return isinstance(error, TimeoutError) or type(error).__name__ == "Timeout"
+
+
+def _is_connection_error(error: InferenceServerException) -> bool:
+    status = str(error.status() or "")
+    return "UNAVAILABLE" in status or "failed to connect" in (error.message() or "").lower()
 
 
 class TritonTransport:
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 600.0) -> None:
+    """`infer(spec, inputs)` and the few metadata calls the client needs, over gRPC or HTTP.
+
+    `headers` go with every call (e.g. {"Authorization": "Bearer <token>"} for a gateway that asks).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         if protocol not in PROTOCOLS:
             raise InvalidRequest("protocol", f"'{protocol}' is not one of {PROTOCOLS}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
+        self.headers = dict(headers or {})
         self._confirmed_ready: set[str] = set()
         if protocol == "grpc":
             import tritonclient.grpc as triton
@@ -43,27 +82,56 @@ class TritonTransport:
                 self._client = triton.InferenceServerClient(self.url)
             else:
                 self._client = triton.InferenceServerClient(
-                    self.url, connection_timeout=timeout_s, network_timeout=timeout_s
+                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
                 )
         except Exception as error:  # noqa: BLE001 - bad address formats surface here
             raise ServerUnavailable(
                 f"cannot connect to a Triton server at '{self.url}' ({protocol}): {error}"
             ) from error
 
+    def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call` with this transport's headers and time limit; transport failures become client errors."""
+        if self.protocol == "grpc":
+            kwargs.setdefault("client_timeout", self.timeout_s)
+        try:
+            return call(*args, headers=self.headers or None, **kwargs)
+        except KandinskyClientError:
+            raise
+        except InferenceServerException as error:
+            if _is_timeout(error):
+                raise RequestTimeout(
+                    f"{what}: no answer from '{self.url}' within {self.timeout_s:g} s"
+                ) from error
+            if _is_connection_error(error):
+                raise ServerUnavailable(
+                    f"{what}: no Triton server answers at '{self.url}': {error.message()}"
+                ) from error
+            raise
+        except Exception as error:  # noqa: BLE001 - refused, reset, DNS: the server is not there
+            if _is_timeout(error):
+                raise RequestTimeout(
+                    f"{what}: no answer from '{self.url}' within {self.timeout_s:g} s"
+                ) from error
+            raise ServerUnavailable(
+                f"{what}: lost the Triton server at '{self.url}' ({self.protocol}): {error!r}"
+            ) from error
+
     def check_live(self) -> None:
         try:
-            live = self._client.is_server_live()
-        except Exception as error:  # noqa: BLE001 - refused, DNS, timeouts: all mean "not there"
+            live = self._call("is_server_live", self._client.is_server_live)
+        except InferenceServerException as error:
+            raise ServerUnavailable(f"no Triton server answers at '{self.url}': {error.message()}") from error
+        except ServerUnavailable as error:
             raise ServerUnavailable(
                 f"no Triton server answers at '{self.url}' over {self.protocol}: {error}"
             ) from error
         if not live:
             raise ServerUnavailable(f"the Triton server at '{self.url}' is not live")
 
-    def require_ready(self, models: list[str]) -> None:
+    def require_ready(self, models: list[str] | tuple[str, ...]) -> None:
         """Raise ModelNotReady naming every missing model and listing the ready ones.
 
-        A model found ready once is not asked again: every request calls this, and a model that goes
+        A model found ready once is not asked again: every generation calls this, and a model that goes
         away later still fails its inference with Triton's own message.
         """
         unconfirmed = [m for m in models if m not in self._confirmed_ready]
@@ -73,33 +141,38 @@ class TritonTransport:
         missing = [m for m in unconfirmed if not self._safe_ready(m)]
         self._confirmed_ready.update(m for m in unconfirmed if m not in missing)
         if missing:
-            ready = sorted(
-                m["name"] if isinstance(m, dict) else m.name
-                for m in self._repository_index()
-                if (m.get("state") if isinstance(m, dict) else m.state) == "READY"
-            )
             raise ModelNotReady(
-                f"model(s) {missing} not ready on '{self.url}'; ready models: {ready}. "
+                f"model(s) {missing} not ready on '{self.url}'; ready models: {self._ready_models()}. "
                 "Was the repository generated from a checkpoint that has them?"
             )
 
     def _safe_ready(self, model: str) -> bool:
         try:
-            return bool(self._client.is_model_ready(model))
+            return bool(self._call("is_model_ready", self._client.is_model_ready, model))
         except InferenceServerException:
             return False
 
-    def _repository_index(self) -> list[Any]:
-        index = self._client.get_model_repository_index()
-        return list(index.models) if hasattr(index, "models") else list(index)
+    def _ready_models(self) -> list[str] | str:
+        try:
+            index = self._call("repository index", self._client.get_model_repository_index)
+        except (InferenceServerException, KandinskyClientError):
+            return "(the repository index is not available)"
+        models = list(index.models) if hasattr(index, "models") else list(index)
+        return sorted(
+            m["name"] if isinstance(m, dict) else m.name
+            for m in models
+            if (m.get("state") if isinstance(m, dict) else m.state) == "READY"
+        )
 
     def model_parameters(self, model: str) -> dict[str, Any]:
         """The `parameters` of a model's config, JSON-decoded where they hold JSON."""
         try:
             if self.protocol == "grpc":
-                config = self._client.get_model_config(model, as_json=True)["config"]
+                config = self._call("model config", self._client.get_model_config, model, as_json=True)[
+                    "config"
+                ]
             else:
-                config = self._client.get_model_config(model)
+                config = self._call("model config", self._client.get_model_config, model)
         except InferenceServerException as error:
             raise ModelNotReady(f"cannot read the config of model '{model}': {error.message()}") from error
         parameters = {}
@@ -120,8 +193,8 @@ class TritonTransport:
         """
         try:
             if self.protocol == "grpc":
-                return self._client.get_inference_statistics(model, as_json=True)
-            return self._client.get_inference_statistics(model)
+                return self._call("statistics", self._client.get_inference_statistics, model, as_json=True)
+            return self._call("statistics", self._client.get_inference_statistics, model)
         except InferenceServerException as error:
             raise ModelNotReady(
                 f"cannot read the statistics of '{model or 'all models'}': {error.message()}"
@@ -130,27 +203,24 @@ class TritonTransport:
     def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `spec.name` on `inputs` (keyed by the spec's input names); return every declared output."""
         requests = []
-        for tensor in spec.inputs:
-            value = np.asarray(inputs[tensor.name], dtype=_numpy_dtype(tensor.dtype))
-            if tensor.shape == (BATCH,):
-                value = value.reshape(-1, 1)  # served as dims [1] reshaped to a per-item scalar
-            request = self._triton.InferInput(tensor.name, list(value.shape), np_to_triton_dtype(value.dtype))
-            request.set_data_from_numpy(np.ascontiguousarray(value))
+        for name, value in model_inputs(spec, inputs).items():
+            request = self._triton.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            request.set_data_from_numpy(value)
             requests.append(request)
         outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.outputs]
+        # The server drops the request from its queue when this passes (the client has given up by then).
+        queue_timeout_us = int(self.timeout_s * 1e6)
         try:
-            if self.protocol == "grpc":
-                result = self._client.infer(
-                    spec.name, requests, outputs=outputs, client_timeout=self.timeout_s
-                )
-            else:
-                result = self._client.infer(spec.name, requests, outputs=outputs)
+            result = self._call(
+                f"'{spec.name}'",
+                self._client.infer,
+                spec.name,
+                requests,
+                outputs=outputs,
+                timeout=queue_timeout_us,
+            )
         except InferenceServerException as error:
-            raise InferenceFailed(spec.name, error.message() or str(error)) from error
-        except Exception as error:  # noqa: BLE001 - connection lost mid-request
-            raise ServerUnavailable(
-                f"lost the Triton server at '{self.url}' during '{spec.name}': {error}"
-            ) from error
+            raise error_from_message(spec.name, error.message() or str(error)) from error
         return {t.name: result.as_numpy(t.name) for t in spec.outputs}
 
     def close(self) -> None:

@@ -1,21 +1,40 @@
-"""Checks on request arguments, made before any request is sent.
+"""Checks on request arguments, made before any network evaluation runs.
 
-Every failure is an `InvalidRequest` naming the argument and its valid values. Limits come from the
-served checkpoint (`ServerInfo`): image sides must be multiples of what its MoVQ and UNet need.
-Image and mask contents are checked where they are read (`images.py`).
+Every failure is an `InvalidRequest` naming the argument and its valid values. The client runs these
+checks before it sends anything, and the server-side generation model runs the very same ones on what it
+receives, so both answer a bad request with the same message. Limits come from the served checkpoint
+(`ServerInfo`): image sides must be multiples of what its MoVQ and UNet need. Image and mask contents are
+checked where they are read (`images.py`).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
+import numpy as np
+
+from .components import MAX_PROMPT_BYTES
 from .errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from .pipeline import ServerInfo
+from .generation import decoder_scheduler
+from .images import load_image, load_mask
+from .request import (
+    DEFAULT_IMAGE_SIDE,
+    EMB2EMB,
+    FUSE,
+    IMAGE_TO_IMAGE,
+    INPAINT,
+    OUTPAINT,
+    OUTPUT_TYPES,
+    GenerationRequest,
+    check_fields_apply,
+)
+from .schedulers import check_prior_scheduler, strength_timesteps
+from .server_info import ServerInfo
 
 MIN_PRIOR_STEPS = 2  # UnCLIPScheduler.set_timesteps divides by (steps - 1)
 
@@ -27,11 +46,25 @@ def prompt_list(field: str, value: Any, *, allow_empty_text: bool = True) -> lis
     if not isinstance(value, Sequence) or isinstance(value, bytes) or len(value) == 0:
         raise InvalidRequest(field, "must be a string or a non-empty list of strings")
     for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise InvalidRequest(f"{field}[{i}]", f"must be a string, got {type(item).__name__}")
+        text(f"{field}[{i}]" if len(value) > 1 else field, item)
         if not allow_empty_text and not item.strip():
             raise InvalidRequest(f"{field}[{i}]", "must not be empty")
     return list(value)
+
+
+def text(field: str, value: Any) -> str:
+    """A string that encodes as UTF-8 within MAX_PROMPT_BYTES (CLIP keeps 77 tokens of it anyway)."""
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"must be a string, got {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(
+            field, f"is not valid UTF-8 text ({error.reason} at position {error.start})"
+        ) from None
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidRequest(field, f"is {size} bytes of UTF-8; at most {MAX_PROMPT_BYTES}")
+    return value
 
 
 def integer(field: str, value: Any, low: int, high: int | None = None) -> int:
@@ -77,8 +110,12 @@ def steps(field: str, value: Any, scheduler_config: dict, low: int = 1) -> int:
     return integer(field, value, low, int(scheduler_config.get("num_train_timesteps", 1000)))
 
 
-def seed(value: Any) -> int | None:
-    return None if value is None else integer("seed", value, 0, 2**63 - 1)
+MAX_SEED = 2**63 - 1
+
+
+def seed(value: Any) -> int:
+    """The given seed, or a fresh random one (returned with the result, so any image can be redone)."""
+    return secrets.randbelow(MAX_SEED + 1) if value is None else integer("seed", value, 0, MAX_SEED)
 
 
 def images_per_request(field: str, value: Any, info: ServerInfo, prompts: int = 1) -> int:
@@ -187,65 +224,156 @@ def fusion_inputs(images_and_prompts: Any, weights: Any) -> tuple[list[Any], lis
     return list(images_and_prompts), checked
 
 
-@dataclass(frozen=True)
-class DecoderRequest:
-    """The decoder arguments of the modes without a text prompt (variations, fusion)."""
+def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationRequest:
+    """`request` checked against `info` and normalised, or InvalidRequest naming the first bad field.
 
-    height: int
-    width: int
-    decoder_steps: int
-    decoder_guidance_scale: float
-    seed: int | None
-
-    @classmethod
-    def build(cls, info: ServerInfo, **kwargs: Any) -> DecoderRequest:
-        return cls(
-            height=image_side("height", kwargs["height"], info),
-            width=image_side("width", kwargs["width"], info),
-            decoder_steps=steps("decoder_steps", kwargs["decoder_steps"], info.decoder_scheduler),
-            decoder_guidance_scale=number("decoder_guidance_scale", kwargs["decoder_guidance_scale"]),
-            seed=seed(kwargs.get("seed")),
-        )
-
-
-@dataclass(frozen=True)
-class TextToImageRequest:
-    prompt: list[str]
-    negative_prompt: list[str] | None
-    num_images_per_prompt: int
-    height: int
-    width: int
-    prior_steps: int
-    prior_guidance_scale: float
-    decoder_steps: int
-    decoder_guidance_scale: float
-    seed: int | None
-
-    @classmethod
-    def build(cls, info: ServerInfo, **kwargs: Any) -> TextToImageRequest:
-        prompt = prompt_list("prompt", kwargs["prompt"])
-        negative = kwargs.get("negative_prompt")
-        if negative is not None:
-            negative = prompt_list("negative_prompt", negative)
-            if len(negative) == 1 and len(prompt) > 1:
-                negative = negative * len(prompt)
-            if len(negative) != len(prompt):
+    Normalised: prompts are lists (one negative prompt per prompt), images are RGB PIL images (masks
+    "L"), fusion items are prompts or RGB images, sizes and seed are concrete, numbers have their types.
+    Checking a checked request again changes nothing.
+    """
+    check_fields_apply(request)
+    mode, changes = request.mode, {}
+    prompts = 1
+    if request.prompt is not None:
+        changes["prompt"] = prompt_list("prompt", request.prompt)
+        prompts = len(changes["prompt"])
+        if request.negative_prompt is not None:
+            negative = prompt_list("negative_prompt", request.negative_prompt)
+            if len(negative) == 1 and prompts > 1:
+                negative = negative * prompts
+            if len(negative) != prompts:
                 raise InvalidRequest(
                     "negative_prompt",
-                    f"has {len(negative)} entries for {len(prompt)} prompts; give one, or one per prompt",
+                    f"has {len(negative)} entries for {prompts} prompts; give one, or one per prompt",
                 )
-        per_prompt = images_per_request(
-            "num_images_per_prompt", kwargs["num_images_per_prompt"], info, len(prompt)
+            changes["negative_prompt"] = negative
+    changes["num_images_per_prompt"] = images_per_request(
+        "num_images_per_prompt", request.num_images_per_prompt, info, prompts
+    )
+    changes["num_inference_steps"] = steps(
+        "num_inference_steps", request.num_inference_steps, info.decoder_scheduler
+    )
+    changes["guidance_scale"] = number("guidance_scale", request.guidance_scale)
+    changes["prior_num_inference_steps"] = steps(
+        "prior_num_inference_steps", request.prior_num_inference_steps, info.prior_scheduler, MIN_PRIOR_STEPS
+    )
+    changes["prior_guidance_scale"] = number("prior_guidance_scale", request.prior_guidance_scale)
+    changes["seed"] = seed(request.seed)
+    changes.update(_scheduler_fields(request, info, changes["num_inference_steps"]))
+    if request.output_type not in OUTPUT_TYPES:
+        raise InvalidRequest(
+            "output_type", f"is {request.output_type!r}; valid values: {', '.join(OUTPUT_TYPES)}"
         )
-        return cls(
-            prompt=prompt,
-            negative_prompt=negative,
-            num_images_per_prompt=per_prompt,
-            height=image_side("height", kwargs["height"], info),
-            width=image_side("width", kwargs["width"], info),
-            prior_steps=steps("prior_steps", kwargs["prior_steps"], info.prior_scheduler, MIN_PRIOR_STEPS),
-            prior_guidance_scale=number("prior_guidance_scale", kwargs["prior_guidance_scale"]),
-            decoder_steps=steps("decoder_steps", kwargs["decoder_steps"], info.decoder_scheduler),
-            decoder_guidance_scale=number("decoder_guidance_scale", kwargs["decoder_guidance_scale"]),
-            seed=seed(kwargs.get("seed")),
+    if mode == FUSE:
+        changes.update(_fusion_fields(request))
+    if request.image is not None:
+        changes["image"] = load_image(request.image, "image")
+    if request.mask_image is not None:
+        changes["mask_image"] = load_mask(request.mask_image, changes["image"].size, "mask_image")
+    if mode == OUTPAINT:
+        margins = outpaint_margins(
+            info, changes["image"].size, request.left, request.top, request.right, request.bottom
         )
+        changes.update(zip(("left", "top", "right", "bottom"), margins, strict=True))
+        left, top, right, bottom = margins
+        width, height = changes["image"].size
+        changes["height"], changes["width"] = output_size(
+            info, request.height, request.width, (width + left + right, height + top + bottom)
+        )
+    elif mode in (IMAGE_TO_IMAGE, INPAINT):
+        changes["height"], changes["width"] = output_size(
+            info, request.height, request.width, changes["image"].size
+        )
+    else:
+        default = info.static_size or (DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE)
+        height = default[0] if request.height is None else request.height
+        width = default[1] if request.width is None else request.width
+        changes["height"], changes["width"] = (
+            image_side("height", height, info),
+            image_side("width", width, info),
+        )
+    if mode in (IMAGE_TO_IMAGE, EMB2EMB):  # the part of the decoder (img2img) or prior (emb2emb) that runs
+        stage = "num_inference_steps" if mode == IMAGE_TO_IMAGE else "prior_num_inference_steps"
+        changes["strength"] = strength("strength", request.strength, changes[stage])
+        if mode == IMAGE_TO_IMAGE:  # the scheduler's own slicing may refuse more (repeated timesteps)
+            strength_timesteps(
+                decoder_scheduler(info, replace(request, **changes)), changes[stage], changes["strength"]
+            )
+    if request.latents is not None:
+        changes["latents"] = initial_latents(
+            request.latents, info, prompts * changes["num_images_per_prompt"], changes
+        )
+    return replace(request, **changes)
+
+
+def _scheduler_fields(request: GenerationRequest, info: ServerInfo, num_steps: int) -> dict[str, Any]:
+    """The decoder scheduler's name and overrides, checked by building it (its own step limits included)."""
+    name = None if request.scheduler is None else text("scheduler", request.scheduler)
+    overrides = scheduler_overrides(request.scheduler_config)
+    check_prior_scheduler(
+        None if request.prior_scheduler is None else text("prior_scheduler", request.prior_scheduler)
+    )
+    checked = replace(request, scheduler=name, scheduler_config=overrides)
+    decoder_scheduler(info, checked).set_timesteps(num_steps)
+    return {"scheduler": name, "scheduler_config": overrides}
+
+
+def scheduler_overrides(value: Any) -> dict[str, Any] | None:
+    """scheduler_config: a mapping, or its JSON text (as the wire carries it)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise InvalidRequest(
+                "scheduler_config", f"is not valid JSON ({error.msg} at {error.pos})"
+            ) from None
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise InvalidRequest(
+            "scheduler_config",
+            f'must be an object of config keys, e.g. {{"use_karras_sigmas": true}}; got {value!r}',
+        )
+    return dict(value)
+
+
+def initial_latents(value: Any, info: ServerInfo, batch: int, sizes: Mapping[str, Any]) -> np.ndarray:
+    """`latents` of exactly the decoder's shape (diffusers' check), finite, as float32.
+
+    A flat array of the right size (as the wire carries it) is reshaped.
+    """
+    try:
+        latents = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidRequest("latents", f"must be a float array, got {type(value).__name__}") from None
+    expected = (batch, info.dims.latent_channels, *info.latent_size(sizes["height"], sizes["width"]))
+    if latents.ndim == 1 and latents.size == np.prod(expected):
+        latents = latents.reshape(expected)  # the wire carries tensors flattened
+    if latents.shape != expected:
+        raise InvalidRequest(
+            "latents",
+            f"has shape {latents.shape}; this request needs {expected} "
+            "(images, latent channels, height and width divided by the MoVQ scale)",
+        )
+    if not np.isfinite(latents).all():
+        raise InvalidRequest("latents", "contains NaN or Inf")
+    return latents
+
+
+def _fusion_fields(request: GenerationRequest) -> dict[str, Any]:
+    """Fusion items (prompts stay strings, images are loaded), weights, and its single negative prompts."""
+    items, weights = fusion_inputs(request.images_and_prompts, request.weights)
+    loaded = [
+        text(f"images_and_prompts[{i}]", item)
+        if isinstance(item, str)
+        else load_image(item, f"images_and_prompts[{i}]")
+        for i, item in enumerate(items)
+    ]
+    changes: dict[str, Any] = {"images_and_prompts": loaded, "weights": weights}
+    for name in ("negative_prompt", "negative_prior_prompt"):
+        value = getattr(request, name)
+        if isinstance(value, list | tuple) and len(value) == 1:
+            value = value[0]
+        if value is not None:
+            changes[name] = text(name, value)
+    return changes

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from .generate import DEFAULT_MAX_IMAGE_SIZE, FLAVOURS, RepositoryOptions, generate_repository
+from .settings import DEFAULTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="instances per network model")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="cpu flavour: ONNX Runtime threads")
     parser.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batching window")
+    parser.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=DEFAULTS.max_queue_size,
+        help="requests that may wait per model; more are refused at once (retryable)",
+    )
     parser.add_argument(
         "--precision",
         choices=("default", "fp16", "fp32"),
@@ -32,6 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-warmup", action="store_true", help="GPU flavours: no warm-up request at load")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="tensorrt flavour: no CUDA graphs")
+    defaults = RepositoryOptions()
+    parser.add_argument(
+        "--max-concurrent-generations",
+        type=int,
+        default=defaults.max_concurrent_generations,
+        help="server-side generations running at once (the `kandinsky` model)",
+    )
+    parser.add_argument(
+        "--max-queued-generations",
+        type=int,
+        default=defaults.max_queued_generations,
+        help="server-side generations waiting before new ones are refused as 'server busy'",
+    )
+    parser.add_argument(
+        "--max-generation-seconds",
+        type=float,
+        default=defaults.max_generation_seconds,
+        help="time limit of one server-side generation",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = RepositoryOptions(
@@ -40,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         instances=args.instances,
         intra_op_threads=args.intra_op_threads,
         max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size,
         precision=args.precision,
         ort_tensorrt=args.ort_tensorrt,
         ort_trt_cache_dir=args.ort_trt_cache_dir,
         warmup=not args.no_warmup,
         cuda_graphs=not args.no_cuda_graphs,
+        max_concurrent_generations=args.max_concurrent_generations,
+        max_queued_generations=args.max_queued_generations,
+        max_generation_seconds=args.max_generation_seconds,
     )
     models = generate_repository(args.bundle, args.output, options)
     print(f"wrote {len(models)} models to {args.output}: {', '.join(models)}")

@@ -23,14 +23,21 @@ from google.protobuf import text_format
 from kandinsky_client.components import (
     COMPONENTS,
     MAX_IMAGES_PER_REQUEST,
+    MAX_INPUT_IMAGE_SIDE,
+    MAX_PROMPT_BYTES,
     SERVED_MODELS,
     ModelDims,
     ModelSpec,
     ServedModelSpec,
     TensorSpec,
 )
+from kandinsky_client.wire import MODEL_NAME
 from tqdm.auto import tqdm
 from tritonclient.grpc import model_config_pb2 as mc
+
+from .generation_config import ENTRY_POINT as GENERATION_ENTRY_POINT
+from .generation_config import generation_config
+from .settings import DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +73,18 @@ class RepositoryOptions:
     instances: int = 1
     intra_op_threads: int = 0  # cpu flavour: ONNX Runtime threads per model (0: its default)
     max_queue_delay_us: int = 0  # dynamic batching window for the per-step models
+    max_queue_size: int = DEFAULTS.max_queue_size  # requests waiting per model (see limit_queue)
     # GPU flavours (see gpu_backends.py):
     precision: str = "default"  # onnxruntime: ONNX variant served (default: the bundle's measured choice)
     ort_tensorrt: bool = False  # onnxruntime: add ONNX Runtime's TensorRT execution accelerator
     ort_trt_cache_dir: str = ""  # its engine cache ("": <repository>/<model>/trt_cache)
     warmup: bool = True  # one warm-up request per network model at load
     cuda_graphs: bool = True  # tensorrt: CUDA graphs for engines with static image sizes
+    # The server-side generation model (`kandinsky`): generations running at once, generations waiting
+    # for one of them (more are refused as "server busy"), and the time limit of one generation.
+    max_concurrent_generations: int = 8
+    max_queued_generations: int = 32
+    max_generation_seconds: float = 600.0
 
 
 def dtype_enum(dtype: str) -> int:
@@ -144,6 +157,49 @@ def spatial_limits(spec: ModelSpec, dims: ModelDims, max_image_size: int) -> dic
         elif "height" in tensor.shape:
             limits[tensor.name] = [dims.size_multiple, max_image_size]
     return limits
+
+
+def python_model_limits(name: str, options: RepositoryOptions) -> dict[str, object]:
+    """Size limits of the pre/post-processing models, as config parameters (checked on declared shapes).
+
+    Images for the MoVQ encoder and images out of the MoVQ decoder are at most the largest generation
+    size (the client resizes to the generation size before sending); images for CLIP pre-processing at
+    most MAX_INPUT_IMAGE_SIDE (the processor shrinks them to its crop anyway); prompts at most
+    MAX_PROMPT_BYTES of UTF-8.
+    """
+    limits: dict[str, dict[str, object]] = {
+        "preprocess_movq_image": {"max_image_size": str(options.max_image_size)},
+        "postprocess_image": {"max_image_size": str(options.max_image_size)},
+        "preprocess_clip_image": {"max_input_side": str(MAX_INPUT_IMAGE_SIDE)},
+        "tokenizer": {"max_prompt_bytes": str(MAX_PROMPT_BYTES)},
+    }
+    return limits.get(name, {})
+
+
+def limit_queue(config: mc.ModelConfig, options: RepositoryOptions) -> None:
+    """A bounded queue with per-request timeouts for every model that queues requests itself.
+
+    Every model with dynamic batching gets `default_queue_policy`: at most `options.max_queue_size`
+    requests wait (more are refused at once with UNAVAILABLE, which clients may retry), and a request may
+    carry its own timeout (`allow_timeout_override`; the client's per-request timeout) after which it is
+    rejected while still queued instead of computed for nobody.
+
+    Python-backend models without dynamic batching get it too, with no batching delay: Triton's default
+    scheduler has neither a queue bound nor timeouts, and only the dynamic batcher drops requests that
+    were cancelled while they waited (`BatchingModel` checks `is_cancelled()` for the ones it receives).
+    Merged requests are computed as one batch, which these models already do for the requests Triton
+    hands them together. Ensembles have no queue of their own (their steps queue in the models above).
+    GPU backends without dynamic batching (the once-per-image networks) keep Triton's default scheduler.
+    """
+    if config.platform == "ensemble":
+        return
+    if config.backend == "python" and not config.HasField("dynamic_batching"):
+        config.dynamic_batching.SetInParent()
+    if config.HasField("dynamic_batching"):
+        policy = config.dynamic_batching.default_queue_policy
+        policy.max_queue_size = options.max_queue_size
+        policy.allow_timeout_override = True
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
 
 
 def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
@@ -229,6 +285,7 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             configure_gpu_component(
                 config, spec, dims, bundle / name, manifest["components"][name], version_dir, options
             )
+        limit_queue(config, options)
         write_config(output / name, config)
 
     for name, entry_point in _PYTHON_MODELS.items():
@@ -236,6 +293,8 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         models[name] = spec
         config = base_config(spec, dims)
         python_backend(config, output / name / "1", entry_point, options)
+        set_parameters(config, python_model_limits(name, options))
+        limit_queue(config, options)
         write_config(output / name, config)
     shutil.copytree(bundle / "tokenizer", output / "tokenizer" / "1" / "tokenizer")
     clip_config = bundle / "image_processor" / "preprocessor_config.json"
@@ -250,8 +309,26 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             models[spec.name] = spec
             write_config(output / spec.name, ensemble_config(spec, dims, models))
             (output / spec.name / "1").mkdir(exist_ok=True)
-    logger.info("wrote %d models to %s", len(models), output)
-    return sorted(models)
+    write_generation_model(output, dims, options)
+    names = sorted([*models, MODEL_NAME])
+    logger.info("wrote %d models to %s", len(names), output)
+    return names
+
+
+def write_generation_model(output: Path, dims: ModelDims, options: RepositoryOptions) -> None:
+    """The `kandinsky` server-side generation model (see generation_config.py)."""
+    configs = {path.parent.name: read_config(path.parent) for path in output.glob("*/config.pbtxt")}
+    config = generation_config(configs, dims.embed_dim)
+    set_parameters(
+        config,
+        {
+            "max_concurrent_generations": str(options.max_concurrent_generations),
+            "max_queued_generations": str(options.max_queued_generations),
+            "max_generation_seconds": str(options.max_generation_seconds),
+        },
+    )
+    python_backend(config, output / MODEL_NAME / "1", GENERATION_ENTRY_POINT, options)
+    write_config(output / MODEL_NAME, config)
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:

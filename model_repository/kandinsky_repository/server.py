@@ -1,9 +1,17 @@
-"""Start a Triton Inference Server on a generated repository, wait until every model is ready, stop cleanly.
+"""`kandinsky-serve`: Triton on a generated repository, safe by default, supervised, deeply health-checked.
 
 Where `tritonserver` is on PATH (the NGC Triton image) it is used as is. Elsewhere the server from the
 nvidia-pytriton wheel is used: its python backend is copied to a writable cache with the stub for the
 running Python version beside `libtriton_python.so`, and the current interpreter's `bin/` goes first on
 PATH so python models import numpy, onnxruntime and this package from the same environment.
+
+What `kandinsky-serve` adds around tritonserver (see the README's Security section):
+- it listens on `--host` (127.0.0.1 unless told otherwise) for HTTP, gRPC and metrics;
+- shared-memory, logging, trace and model-repository APIs need the admin key (`admin.py`);
+- a supervisor restarts tritonserver when it or a python-backend stub dies (`supervisor.py`);
+- deep readiness on `--health-port` (`health.py`), waited for before "Triton is serving";
+- with `--gateway`, nginx listens on the HTTP/gRPC ports and Triton on internal loopback ports
+  (`gateway.py`).
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .admin import AdminKey, resolve_admin_key
+from .settings import DEFAULTS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+DEFAULT_PORTS = {"http": DEFAULTS.http_port, "grpc": DEFAULTS.grpc_port, "metrics": DEFAULTS.metrics_port}
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,13 @@ def repository_models(repository: Path) -> list[str]:
 
 
 class TritonServer:
-    """A tritonserver child process in its own process group (so stopping it also stops the stubs)."""
+    """A tritonserver child process in its own process group (so stopping it also stops the stubs).
+
+    `host` is the address Triton binds for HTTP, gRPC and metrics (loopback by default). With an
+    `admin_key`, the APIs of `DEFAULTS.restricted_apis` need its header (kandinsky-serve always sets one;
+    tests and benchmarks that start servers directly may leave them open). `start()` may be called again
+    after the process died (the supervisor restarts it on the same ports).
+    """
 
     def __init__(
         self,
@@ -90,6 +107,9 @@ class TritonServer:
         http_port: int = DEFAULT_PORTS["http"],
         grpc_port: int = DEFAULT_PORTS["grpc"],
         metrics_port: int = DEFAULT_PORTS["metrics"],
+        host: str = DEFAULTS.host,
+        admin_key: AdminKey | None = None,
+        exit_timeout_s: int = DEFAULTS.exit_timeout_s,
         log_verbose: int = 0,
         log_file: Path | None = None,
     ) -> None:
@@ -97,29 +117,52 @@ class TritonServer:
         if not repository_models(self.repository):
             raise FileNotFoundError(f"{self.repository} holds no model (no */config.pbtxt)")
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host
+        self.admin_key = admin_key
+        self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self.started_at: float | None = None  # time.time() of the last start
+
+    @property
+    def local_host(self) -> str:
+        """Where a client on this machine reaches the server."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{self.local_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self.local_host}:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
 
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
             str(install.binary),
             f"--model-repository={self.repository}",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
+        if self.admin_key is not None:
+            cmd += self.admin_key.triton_args()
         if install.backend_dir:
             cmd.append(f"--backend-directory={install.backend_dir}")
         return cmd
@@ -128,14 +171,19 @@ class TritonServer:
         install = find_triton()
         env = {**os.environ, **install.env}
         output = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - lives with the child
-        logger.info("starting %s", " ".join(self.command(install)))
+        command = self.command(install)
+        shown = [a.split(":", 1)[0] + ":<admin key>" if "restricted" in a else a for a in command]
+        logger.info("starting %s", " ".join(shown))
+        self.started_at = time.time()
         self.process = subprocess.Popen(
-            self.command(install),
+            command,
             env=env,
             stdout=output or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
             start_new_session=True,
         )
+        if output:
+            output.close()  # the child holds its own descriptor
 
     def wait_ready(self, timeout: float = 180.0) -> list[str]:
         """Block until the server and every model of the repository are ready; return the model names."""
@@ -165,18 +213,25 @@ class TritonServer:
         raise TimeoutError(f"models not ready after {timeout:.0f}s: {pending}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the process group (server and python stubs), SIGKILL what is left after `timeout`."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM the process group (server and python stubs), SIGKILL what is left after `timeout`
+        (at once when `timeout` is 0)."""
+        if self.process is None:
             return
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("tritonserver did not stop in %.0fs; killing it", timeout)
+        group = self.process.pid
+        if self.process.poll() is None and timeout > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop in %.0fs; killing it", timeout)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)  # stray stubs, if any
+            os.killpg(group, signal.SIGKILL)  # stray stubs, if any; everything when timeout is 0
         self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server and its stubs at once (the supervisor's recovery: nothing to save)."""
+        self.stop(timeout=0)
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -191,48 +246,124 @@ class TritonServer:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from .gateway import add_gateway_arguments
+
     parser = argparse.ArgumentParser(description="Serve a Kandinsky 2.2 model repository with Triton.")
     parser.add_argument("--repository", type=Path, required=True, help="generated model repository")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
-    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    parser.add_argument(
+        "--host",
+        default=DEFAULTS.host,
+        help="address to listen on (HTTP, gRPC, metrics; the gateway's with --gateway); 0.0.0.0: every interface",
+    )
+    parser.add_argument("--http-port", type=int, default=DEFAULTS.http_port)
+    parser.add_argument("--grpc-port", type=int, default=DEFAULTS.grpc_port)
+    parser.add_argument("--metrics-port", type=int, default=DEFAULTS.metrics_port)
+    parser.add_argument("--health-port", type=int, default=DEFAULTS.health_port, help="deep health endpoint")
+    parser.add_argument("--health-host", default=DEFAULTS.health_host, help="its address")
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help=f"read (or create) the admin key there; ${DEFAULTS.admin_key_env} wins; neither: random per start",
+    )
+    parser.add_argument("--gateway", action="store_true", help="serve through nginx (see kandinsky-gateway)")
+    add_gateway_arguments(parser)
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     parser.add_argument("--log-file", type=Path, help="server log (default: discarded)")
-    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=DEFAULTS.ready_timeout_s, help="seconds to wait for models"
+    )
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    from .gateway import Gateway, GatewayUnavailable, address, options_from_arguments
+    from .health import HealthServer
+    from .supervisor import Supervisor
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        admin_key = resolve_admin_key(args.admin_key_file)
+    except (ValueError, OSError) as error:
+        print(f"kandinsky-serve: admin key: {error}", file=sys.stderr)
+        return 2
+    internal = args.gateway  # Triton on loopback ports of its own, nginx on the public ones
     server = TritonServer(
         args.repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
+        host="127.0.0.1" if internal else args.host,
+        http_port=free_port() if internal else args.http_port,
+        grpc_port=free_port() if internal else args.grpc_port,
         metrics_port=args.metrics_port,
+        admin_key=admin_key,
         log_verbose=args.log_verbose,
         log_file=args.log_file,
     )
+    gateway = None
+    if args.gateway:
+        gateway = Gateway(
+            options_from_arguments(
+                args,
+                triton_http=server.http_url,
+                triton_grpc=server.grpc_url,
+                health=address(
+                    server.local_host if args.health_host in ("0.0.0.0", "::") else args.health_host,
+                    args.health_port,
+                ),
+                repository=server.repository,
+                admin_key=admin_key,
+                host=args.host,
+                http_port=args.http_port,
+                grpc_port=args.grpc_port,
+            ),
+            args.gateway_runtime_dir,
+        )
+    supervisor = Supervisor(server, ready_timeout_s=args.ready_timeout, gateway=gateway)
 
     def request_stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # unwinds to the `finally` below, wherever the main loop is
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    health = None
     try:
-        server.start()
-        models = server.wait_ready(args.ready_timeout)
+        try:
+            health = HealthServer(
+                args.health_host, args.health_port, supervisor.readiness, supervisor.liveness
+            )
+        except OSError as error:
+            raise OSError(
+                f"health endpoint {args.health_host}:{args.health_port}: {error.strerror}"
+            ) from error
+        health.start()
+        if gateway is not None:
+            gateway.prepare()  # fail before loading models when nginx or njs is missing
+        models = supervisor.start()
+        if gateway is not None:
+            gateway.start()
+            gateway.wait_listening()
+        http_url = gateway.http_url if gateway else server.http_url
+        grpc_url = gateway.grpc_url if gateway else server.grpc_url
         print(f"Triton is serving {len(models)} models: {', '.join(models)}", flush=True)
-        print(f"  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}", flush=True)
-        print(f"  metrics localhost:{server.metrics_port}/metrics\nCtrl-C or SIGTERM stops it.", flush=True)
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.2)
-        print(f"tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        via = f" (gateway; Triton on {server.http_url} / {server.grpc_url})" if gateway else ""
+        print(f"  HTTP    {http_url}\n  gRPC    {grpc_url}{via}", flush=True)
+        print(f"  metrics {server.local_host}:{server.metrics_port}/metrics", flush=True)
+        print(f"  health  http://{args.health_host}:{health.port}/health/ready", flush=True)
+        print(f"  admin key: {admin_key.source}", flush=True)
+        print("Ctrl-C or SIGTERM stops it.", flush=True)
+        supervisor.run()
+        return 0
+    except (GatewayUnavailable, RuntimeError, TimeoutError, OSError) as error:
+        print(f"kandinsky-serve: {error}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        server.stop()
+        supervisor.stop()
+        if health is not None:
+            health.stop()
         print("stopped", flush=True)
 
 

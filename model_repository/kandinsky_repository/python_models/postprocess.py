@@ -6,7 +6,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .base import BatchingModel, require_finite
+from .base import BatchingModel, InvalidInput, require_finite, require_side
+
+# Used when a repository's config has no limit parameter (written by an older generator).
+DEFAULT_MAX_IMAGE_SIZE = 1024
 
 
 def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -16,6 +19,19 @@ def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
 
 
 class PostprocessImage(BatchingModel):
+    """Sides limited to the repository's `max_image_size` (the largest generation), checked on the
+    declared shape before the data is read."""
+
+    def setup(self, parameters: Mapping[str, str]) -> None:
+        self.max_side = int(parameters.get("max_image_size", DEFAULT_MAX_IMAGE_SIZE))
+
+    def validate_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        shape = shapes["image"]
+        if len(shape) != 4 or shape[1] != 3:
+            raise InvalidInput(f"input 'image' has shape {list(shape)}; expected [batch, 3, height, width]")
+        require_side("image", "height", shape[2], self.max_side)
+        require_side("image", "width", shape[3], self.max_side)
+
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
         require_finite("image", inputs["image"])
 

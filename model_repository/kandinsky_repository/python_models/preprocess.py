@@ -11,7 +11,13 @@ checks it against transformers pixel for pixel.
 (`2 * (x / 255) - 1` in float32, identical to the inpainting pipeline's `x / 127.5 - 1` for every uint8
 value). It does not resize: the image arrives at the generation size, because the client resizes it with
 the very PIL call diffusers makes (`resize((width, height), BICUBIC, reducing_gap=1)`) while building the
-request, which also keeps large photos off the wire. The MoVQ encoder behind it checks the size limits.
+request, which also keeps large photos off the wire.
+
+Size limits (config parameters written by the repository generator), checked on the declared shape
+before any pixel is read, so that one request cannot make the backend allocate gigabytes:
+`preprocess_movq_image` takes sides up to the repository's `max_image_size` (the largest generation);
+`preprocess_clip_image` up to `max_input_side` (`MAX_INPUT_IMAGE_SIDE` of the registry; the client
+downscales larger photos).
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kandinsky_client.components import MAX_INPUT_IMAGE_SIDE
 from PIL import Image
 
-from .base import BatchingModel, InvalidInput
+from .base import BatchingModel, InvalidInput, require_side
 
-# Largest side accepted for any uploaded image: far above any generation size, small enough that one
-# request cannot make the backend allocate gigabytes.
-MAX_INPUT_SIDE = 8192
+# Used when a repository's config has no limit parameter (written by an older generator).
+DEFAULT_MAX_IMAGE_SIZE = 1024
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 # transformers' CLIPImageProcessorPil class defaults, for keys a checkpoint's config leaves out.
@@ -152,33 +158,33 @@ def movq_preprocess(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((np.float32(2.0) * unit - np.float32(1.0)).transpose(0, 3, 1, 2))
 
 
-def require_image(name: str, value: np.ndarray, max_side: int = MAX_INPUT_SIDE) -> None:
-    """A batch of uint8 HWC RGB images with both sides in [1, max_side]."""
-    if value.ndim != 4 or value.shape[-1] != 3:
-        raise InvalidInput(
-            f"input '{name}' has shape {list(value.shape)}; expected [batch, height, width, 3]"
-        )
-    height, width = value.shape[1:3]
-    for axis, size in (("height", height), ("width", width)):
-        if not 1 <= size <= max_side:
-            raise InvalidInput(f"input '{name}' {axis} is {size}; valid values are [1, {max_side}]")
+def require_image(name: str, shape: Sequence[int], max_side: int) -> None:
+    """The declared shape of a batch of uint8 HWC RGB images, with both sides in [1, max_side]."""
+    if len(shape) != 4 or shape[-1] != 3:
+        raise InvalidInput(f"input '{name}' has shape {list(shape)}; expected [batch, height, width, 3]")
+    require_side(name, "height", shape[1], max_side)
+    require_side(name, "width", shape[2], max_side)
 
 
 class PreprocessClipImage(BatchingModel):
     def setup(self, parameters: Mapping[str, str]) -> None:
         path = self.version_dir / "image_processor" / IMAGE_PROCESSOR_CONFIG
         self.settings = ClipPreprocessing.from_file(path)
+        self.max_side = int(parameters.get("max_input_side", MAX_INPUT_IMAGE_SIDE))
 
-    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
-        require_image("image_rgb", inputs["image_rgb"])
+    def validate_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        require_image("image_rgb", shapes["image_rgb"], self.max_side)
 
     def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"pixel_values": clip_preprocess(inputs["image_rgb"], self.settings)}
 
 
 class PreprocessMovqImage(BatchingModel):
-    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
-        require_image("image_rgb", inputs["image_rgb"])
+    def setup(self, parameters: Mapping[str, str]) -> None:
+        self.max_side = int(parameters.get("max_image_size", DEFAULT_MAX_IMAGE_SIZE))
+
+    def validate_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        require_image("image_rgb", shapes["image_rgb"], self.max_side)
 
     def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image": movq_preprocess(inputs["image_rgb"])}

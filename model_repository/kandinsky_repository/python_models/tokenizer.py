@@ -4,6 +4,10 @@ It runs the `tokenizers` library directly on the `tokenizer.json` that the expor
 transformers' CLIPTokenizer), with padding to `model_max_length` and truncation, like
 KandinskyV22PriorPipeline._encode_prompt. transformers itself is not imported here: the python backend
 stub of the pytriton wheel cannot load the ssl module that transformers pulls in.
+
+Each prompt is at most `max_prompt_bytes` of UTF-8 (`MAX_PROMPT_BYTES` of the registry, a config
+parameter), checked before decoding or tokenizing: CLIP keeps 77 tokens anyway, and megabyte prompts
+would only tie up the tokenizer. Bytes that are not valid UTF-8 (a lone surrogate included) are refused.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from kandinsky_client.components import MAX_PROMPT_BYTES
 
 from .base import BatchingModel, InvalidInput
 
@@ -39,6 +44,14 @@ def tokenize(tokenizer, prompts: list[str]) -> dict[str, np.ndarray]:
     }
 
 
+def check_prompt_sizes(raw: np.ndarray, max_bytes: int = MAX_PROMPT_BYTES) -> None:
+    """Every prompt at most `max_bytes` long, measured on the raw bytes (nothing decoded yet)."""
+    for item in raw.reshape(-1):
+        size = len(item) if isinstance(item, bytes) else len(str(item).encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise InvalidInput(f"input 'prompt' is {size} bytes of UTF-8; at most {max_bytes}")
+
+
 def decode_prompts(raw: np.ndarray) -> list[str]:
     prompts = []
     for item in raw.reshape(-1):
@@ -52,8 +65,10 @@ def decode_prompts(raw: np.ndarray) -> list[str]:
 class TritonPythonModel(BatchingModel):
     def setup(self, parameters: Mapping[str, str]) -> None:
         self.tokenizer = load_tokenizer(self.version_dir / "tokenizer")
+        self.max_prompt_bytes = int(parameters.get("max_prompt_bytes", MAX_PROMPT_BYTES))
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        check_prompt_sizes(inputs["prompt"], self.max_prompt_bytes)
         decode_prompts(inputs["prompt"])
 
     def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,426 @@
+"""The gateway: nginx with its njs module in front of Triton, for anything beyond localhost.
+
+Why nginx and not HAProxy (both are in the distributions' packages): nginx proxies gRPC natively
+(`grpc_pass`, with per-method routing on the HTTP/2 path and trailers-only gRPC error responses),
+rate-limits per client address (`limit_req`), and its njs module can read a JSON request body and
+decide on it before proxying (`js_content` + `r.internalRedirect`), which is what stops the JSON
+declared-shape crashes; HAProxy would need Lua for the JSON inspection.
+
+What it allows (everything else: 403/404 over HTTP, PERMISSION_DENIED over gRPC, each with a message):
+- HTTP/1.1 on `--host`:`--http-port`: `POST /v2/models/<m>[/versions/<v>]/infer`, `POST .../generate`
+  and `.../generate_stream`, `GET /v2/health/live`, `GET /v2/health/ready` (kandinsky-serve's deep
+  readiness, not Triton's), `GET /v2/models/<m>[/versions/<v>][/ready|/config]`, `GET /v2`,
+  `POST /v2/repository/index` (read-only; the gateway adds the admin key for this route only);
+- gRPC (HTTP/2 without TLS) on `--host`:`--grpc-port`: ServerLive, ServerReady, ModelReady,
+  ServerMetadata, ModelMetadata, ModelConfig, ModelInfer, ModelStreamInfer, RepositoryIndex.
+Bodies are capped (`gateway_limits.py` says how the cap is computed), JSON bodies of infer and generate
+requests are checked by `gateway_files/kandinsky_gateway.js`, an optional bearer token is required on
+both protocols, each client address is rate-limited (429 / RESOURCE_EXHAUSTED), and a Triton that does
+not answer (restarting) gives 503 + JSON (UNAVAILABLE over gRPC): retryable.
+
+The configuration is rendered from `gateway_files/nginx.conf.template` and the defaults of
+`settings.py` into a runtime folder at start; nginx runs in the foreground with that folder as its
+prefix (pid, temp paths, error log), so it needs no root and touches nothing else. Standalone:
+`kandinsky-gateway --triton-http H:P --triton-grpc H:P --health-url URL --repository R` (Docker compose
+runs it as its own service; `--write-config DIR` only renders, for other deployments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .admin import AdminKey, check_secret, resolve_admin_key
+from .gateway_limits import generate_fields, json_text_limit, read_configs, request_limits
+from .settings import DEFAULTS
+
+logger = logging.getLogger(__name__)
+
+FILES = Path(__file__).parent / "gateway_files"
+TEMPLATE = FILES / "nginx.conf.template"
+SCRIPT = FILES / "kandinsky_gateway.js"
+NJS_MODULE = "ngx_http_js_module.so"
+# Where distributions put nginx's dynamic modules (the `--modules-path` of `nginx -V` comes first).
+MODULE_DIRS = (
+    "/usr/lib/nginx/modules",
+    "/usr/lib64/nginx/modules",
+    "/usr/share/nginx/modules",
+    "/etc/nginx/modules",
+    "/usr/local/nginx/modules",
+    "/usr/local/lib/nginx/modules",
+)
+INSTALL_HINT = "install nginx and its njs module (Debian/Ubuntu: apt-get install nginx libnginx-mod-http-js)"
+
+
+class GatewayUnavailable(RuntimeError):
+    """nginx or its njs module is missing, or the rendered configuration does not load."""
+
+
+def host_port(text: str, default_port: int | None = None, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """'host:port', 'host' (with `default_port`), ':port' or a URL -> (host, port)."""
+    parts = urlsplit(text if "//" in text else f"//{text}")
+    port = parts.port or default_port
+    if port is None:
+        raise ValueError(f"'{text}' has no port")
+    return parts.hostname or default_host, port
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loopback_for(host: str) -> str:
+    """Where a local client reaches a server bound to `host`."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    triton_http: str  # host:port of Triton's HTTP endpoint
+    triton_grpc: str  # host:port of Triton's gRPC endpoint
+    health: str  # host:port of kandinsky-serve's health endpoint
+    repository: Path  # the served repository: type table and size limits
+    admin_key: AdminKey | None = None  # added to the repository index route only
+    host: str = DEFAULTS.host
+    http_port: int = DEFAULTS.http_port
+    grpc_port: int = DEFAULTS.grpc_port
+    token: str | None = None
+    rate_per_s: int = DEFAULTS.rate_per_s
+    burst: int = DEFAULTS.burst
+    max_body_bytes: int | None = None  # None: computed from the repository (gateway_limits.py)
+    json_max_elements: int | None = None  # None: computed from the repository
+    worker_processes: str = "auto"
+    extra: dict[str, str] = field(default_factory=dict)  # more placeholders (tests)
+
+
+def find_nginx() -> Path:
+    found = shutil.which("nginx") or next(
+        (
+            p
+            for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+            if Path(p).exists()
+        ),
+        None,
+    )
+    if not found:
+        raise GatewayUnavailable(f"nginx not found; {INSTALL_HINT}")
+    return Path(found)
+
+
+def njs_load_module(nginx: Path) -> str:
+    """The `load_module` line for the njs module ("" when it is built into nginx)."""
+    built = subprocess.run([str(nginx), "-V"], capture_output=True, text=True, check=False).stderr
+    if re.search(r"--add-module=\S*njs\S*/nginx(\s|$)", built):
+        return ""
+    configured = re.search(r"--modules-path=(\S+)", built)
+    directories = ([configured.group(1)] if configured else []) + list(MODULE_DIRS)
+    if os.environ.get("KANDINSKY_NJS_MODULE"):
+        directories.insert(0, str(Path(os.environ["KANDINSKY_NJS_MODULE"]).parent))
+    for directory in directories:
+        module = Path(directory) / NJS_MODULE
+        if module.is_file():
+            return f"load_module {module};"
+    raise GatewayUnavailable(f"nginx's njs module ({NJS_MODULE}) not found in {directories}; {INSTALL_HINT}")
+
+
+def _token_map(token: str | None) -> tuple[str, str]:
+    """(default value, map entries) of the $kandinsky_authorized map."""
+    if not token:
+        return "1", ""
+    check_secret(token, "the gateway token")
+    escaped = re.sub(r"([.+])", r"\\\1", token)
+    return "0", f'        "~^Bearer {escaped}$" 1;'
+
+
+def render(options: GatewayOptions, load_module: str) -> tuple[str, dict]:
+    """The nginx configuration and the njs config module's contents for `options`."""
+    configs = read_configs(options.repository)
+    limits = request_limits(options.repository, configs)
+    max_body = options.max_body_bytes or limits.max_body_bytes
+    json_elements = options.json_max_elements or limits.json_max_elements
+    key = options.admin_key
+    auth_default, auth_map = _token_map(options.token)
+    values = {
+        "LOAD_MODULE": load_module,
+        "WORKER_PROCESSES": options.worker_processes,
+        "WORKER_CONNECTIONS": str(DEFAULTS.worker_connections),
+        "MAX_BODY_BYTES": str(max_body),
+        "AUTH_DEFAULT": auth_default,
+        "AUTH_MAP": auth_map,
+        "RATE_ZONE_MB": str(DEFAULTS.rate_zone_mb),
+        "RATE_PER_S": str(options.rate_per_s),
+        "BURST": str(options.burst),
+        "TRITON_HTTP": options.triton_http,
+        "TRITON_GRPC": options.triton_grpc,
+        "HEALTH": options.health,
+        "KEEPALIVE": str(DEFAULTS.keepalive_connections),
+        "ADMIN_HEADER": key.header if key else DEFAULTS.admin_key_header,
+        "ADMIN_GRPC_HEADER": key.grpc_header if key else f"triton-grpc-protocol-{DEFAULTS.admin_key_header}",
+        "ADMIN_KEY": key.key if key else "",
+        "CONNECT_TIMEOUT_S": str(DEFAULTS.upstream_connect_timeout_s),
+        "UPSTREAM_TIMEOUT_S": str(DEFAULTS.upstream_timeout_s),
+        "LISTEN_HTTP": address(options.host, options.http_port),
+        "LISTEN_GRPC": address(options.host, options.grpc_port),
+        **options.extra,
+    }
+    text = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
+    script_config = {
+        "json_max_elements": json_elements,
+        "json_max_text_bytes": json_text_limit(json_elements),
+        "generate": generate_fields(configs),
+    }
+    logger.info(
+        "gateway limits: body %d bytes (largest request: %s), JSON tensors %d elements, %d requests/s "
+        "per address (burst %d)%s",
+        max_body,
+        limits.reason,
+        json_elements,
+        options.rate_per_s,
+        options.burst,
+        ", bearer token required" if options.token else "",
+    )
+    return text, script_config
+
+
+def write_runtime(options: GatewayOptions, runtime_dir: Path, nginx: Path | None = None) -> Path:
+    """Render everything nginx needs into `runtime_dir`; returns the configuration file."""
+    nginx = nginx or find_nginx()
+    text, script_config = render(options, njs_load_module(nginx))
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    runtime_dir.chmod(0o711)  # nginx workers (nobody when started as root) need to traverse it
+    for sub in ("js", "temp"):
+        (runtime_dir / sub).mkdir(exist_ok=True)
+        (runtime_dir / sub).chmod(0o755 if sub == "js" else 0o711)
+    shutil.copy2(SCRIPT, runtime_dir / "js" / SCRIPT.name)
+    (runtime_dir / "js" / "kandinsky_gateway_config.js").write_text(
+        "// Written at gateway start from the served repository; see gateway_limits.py.\n"
+        f"export default {json.dumps(script_config, indent=1)};\n"
+    )
+    conf = runtime_dir / "nginx.conf"
+    descriptor = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the token and key
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    return conf
+
+
+class Gateway:
+    """An nginx process in its own session, configured from `options` into `runtime_dir`."""
+
+    def __init__(self, options: GatewayOptions, runtime_dir: Path | None = None) -> None:
+        self.options = options
+        self._own_dir = runtime_dir is None
+        self.runtime_dir = Path(runtime_dir or tempfile.mkdtemp(prefix="kandinsky-gateway-"))
+        self.nginx = find_nginx()
+        self.process: subprocess.Popen | None = None
+        self.conf: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return address(loopback_for(self.options.host), self.options.http_port)
+
+    @property
+    def grpc_url(self) -> str:
+        return address(loopback_for(self.options.host), self.options.grpc_port)
+
+    @property
+    def error_log(self) -> Path:
+        return self.runtime_dir / "error.log"
+
+    def _command(self, *extra: str) -> list[str]:
+        assert self.conf is not None
+        prefix = f"{self.runtime_dir}/"
+        return [str(self.nginx), "-p", prefix, "-c", str(self.conf), "-e", str(self.error_log), *extra]
+
+    def prepare(self) -> None:
+        """Render the configuration and have nginx check it (`nginx -t`)."""
+        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx)
+        check = subprocess.run(self._command("-t", "-q"), capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise GatewayUnavailable(f"nginx refused the rendered {self.conf}: {check.stderr.strip()}")
+
+    def start(self) -> None:
+        if self.conf is None:
+            self.prepare()
+        logger.info("starting the gateway: %s", " ".join(self._command()))
+        self.process = subprocess.Popen(
+            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def wait_listening(self, timeout: float = 15.0) -> None:
+        host, port = host_port(self.http_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise GatewayUnavailable(
+                    f"nginx exited with code {self.process.returncode}; see {self.error_log}"
+                )
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+                return
+            time.sleep(0.05)
+        raise GatewayUnavailable(f"the gateway does not listen on {self.http_url} after {timeout:.0f}s")
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)  # nginx's fast shutdown
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("nginx did not stop in %.0fs; killing it", timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self._own_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> Gateway:
+        self.start()
+        try:
+            self.wait_listening()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by kandinsky-serve --gateway and kandinsky-gateway."""
+    parser.add_argument(
+        "--gateway-token",
+        default=os.environ.get(DEFAULTS.gateway_token_env) or None,
+        help=f"require 'Authorization: Bearer <token>' (default: ${DEFAULTS.gateway_token_env}; unset: none)",
+    )
+    parser.add_argument(
+        "--gateway-rate", type=int, default=DEFAULTS.rate_per_s, help="requests/s per address"
+    )
+    parser.add_argument("--gateway-burst", type=int, default=DEFAULTS.burst, help="requests above the rate")
+    parser.add_argument(
+        "--gateway-max-body-bytes", type=int, help="body cap (default: computed from the repository)"
+    )
+    parser.add_argument(
+        "--gateway-json-max-elements", type=int, help="JSON tensor element limit (default: computed)"
+    )
+    parser.add_argument(
+        "--gateway-runtime-dir", type=Path, help="where the rendered config goes (default: temp)"
+    )
+
+
+def options_from_arguments(args: argparse.Namespace, **fields: object) -> GatewayOptions:
+    return GatewayOptions(
+        token=args.gateway_token,
+        rate_per_s=args.gateway_rate,
+        burst=args.gateway_burst,
+        max_body_bytes=args.gateway_max_body_bytes,
+        json_max_elements=args.gateway_json_max_elements,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kandinsky-gateway`: the gateway alone, in front of a Triton served elsewhere."""
+    parser = argparse.ArgumentParser(
+        description="Run the Kandinsky gateway (nginx + njs) in front of Triton."
+    )
+    parser.add_argument(
+        "--triton-http",
+        required=True,
+        help=f"Triton's HTTP endpoint, host[:port] (port {DEFAULTS.http_port})",
+    )
+    parser.add_argument(
+        "--triton-grpc",
+        required=True,
+        help=f"Triton's gRPC endpoint, host[:port] (port {DEFAULTS.grpc_port})",
+    )
+    parser.add_argument(
+        "--health-url",
+        required=True,
+        help=f"kandinsky-serve's health endpoint, host[:port] or URL (port {DEFAULTS.health_port})",
+    )
+    parser.add_argument("--repository", type=Path, required=True, help="the served repository (read only)")
+    parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on")
+    parser.add_argument("--http-port", type=int, default=DEFAULTS.http_port)
+    parser.add_argument("--grpc-port", type=int, default=DEFAULTS.grpc_port)
+    parser.add_argument(
+        "--admin-key-file", type=Path, help=f"the server's admin key (or ${DEFAULTS.admin_key_env})"
+    )
+    parser.add_argument("--write-config", type=Path, help="only render the configuration into this folder")
+    add_gateway_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    health_host, health_port = host_port(args.health_url, DEFAULTS.health_port)
+    options = options_from_arguments(
+        args,
+        triton_http=address(*host_port(args.triton_http, DEFAULTS.http_port)),
+        triton_grpc=address(*host_port(args.triton_grpc, DEFAULTS.grpc_port)),
+        health=address(health_host, health_port),
+        repository=args.repository,
+        admin_key=resolve_admin_key(args.admin_key_file)
+        if args.admin_key_file or os.environ.get(DEFAULTS.admin_key_env)
+        else None,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+    )
+    if options.admin_key is None:
+        logger.warning(
+            "no admin key (--admin-key-file or $%s): POST /v2/repository/index will be refused by Triton",
+            DEFAULTS.admin_key_env,
+        )
+    if args.write_config:
+        conf = write_runtime(options, args.write_config)
+        print(f"wrote {conf}")
+        return 0
+
+    gateway = Gateway(options, args.gateway_runtime_dir)
+
+    def request_stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        gateway.prepare()
+        gateway.start()
+        gateway.wait_listening()
+        print(
+            f"gateway: HTTP {gateway.http_url}, gRPC {gateway.grpc_url} -> Triton {args.triton_http}",
+            flush=True,
+        )
+        while gateway.poll() is None:
+            time.sleep(0.2)
+        print(f"nginx exited with code {gateway.poll()}; see {gateway.error_log}", file=sys.stderr)
+        return 1
+    except GatewayUnavailable as error:
+        print(f"kandinsky-gateway: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gateway.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

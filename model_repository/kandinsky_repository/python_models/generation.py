@@ -1,0 +1,224 @@
+"""The `kandinsky` model: one request, one generation, the denoising loops next to the models.
+
+A decoupled python-backend model that runs the client's own generation core (`kandinsky_client.
+generation.Generator`) with a BLS transport: every network evaluation is a `pb_utils.InferenceRequest`
+to the same Triton models the client would call, so they go through the per-step models' dynamic
+batcher and concurrent generations share UNet and prior executions. The request is checked with the
+client's own validation, so a bad field gets the same message on both paths.
+
+Per request: optional progress responses (one per denoising step, with `progress`; `preview_every` adds
+a decoded preview), then one final response with the images as base64 PNG. A request is refused at once
+("server busy") when `max_concurrent_generations` are running and `max_queued_generations` wait; a
+waiting or running request that is cancelled (gRPC stream cancellation, HTTP client gone) or past its
+time limit stops before its next step, so no orphaned work stays queued.
+
+Parameters (config.pbtxt, written by the repository generator):
+  server_info                 JSON {"unet": {...}, "prior": {...}, "unet_inpaint": {...} | null}:
+                              those models' config parameters (see kandinsky_client.server_info)
+  max_concurrent_generations  generations running at once (threads)
+  max_queued_generations      generations waiting for a thread before new ones are refused
+  max_generation_seconds      time limit of a generation (a request may ask for less with timeout_s)
+  served_models               JSON list of the repository's models (a mode whose models are absent is
+                              refused by name, without asking Triton on every request)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from kandinsky_client import components as registry
+from kandinsky_client.components import ModelSpec, model_inputs
+from kandinsky_client.errors import (
+    Cancelled,
+    InvalidRequest,
+    KandinskyClientError,
+    ModelNotReady,
+    RequestTimeout,
+    ServerBusy,
+    error_from_message,
+    error_message,
+)
+from kandinsky_client.generation import DECODER_STAGE, Generator
+from kandinsky_client.request import MODE_MODELS
+from kandinsky_client.server_info import ServerInfo
+from kandinsky_client.validation import check_request
+from kandinsky_client.wire import ResponseOptions, final_outputs, png_base64, request_from_inputs
+
+logger = logging.getLogger("kandinsky_repository")
+
+
+class BlsTransport:
+    """`infer(spec, inputs)` as BLS requests from inside Triton, bounded by the generation's deadline."""
+
+    def __init__(self, pb_utils: Any, deadline: float) -> None:
+        self.pb_utils = pb_utils
+        self.deadline = deadline
+
+    def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pb = self.pb_utils
+        remaining_us = int((self.deadline - time.monotonic()) * 1e6)
+        if remaining_us <= 0:
+            raise RequestTimeout(f"the generation's time limit passed before '{spec.name}'")
+        request = pb.InferenceRequest(
+            model_name=spec.name,
+            inputs=[pb.Tensor(name, value) for name, value in model_inputs(spec, inputs).items()],
+            requested_output_names=[t.name for t in spec.outputs],
+            timeout=remaining_us,  # the callee's queue drops it when the generation's time is up
+        )
+        response = request.exec()
+        if response.has_error():
+            raise error_from_message(spec.name, response.error().message())
+        return {t.name: pb.get_output_tensor_by_name(response, t.name).as_numpy() for t in spec.outputs}
+
+
+# The Triton error code each client error kind is answered with.
+def _error_code(pb_utils: Any, error: Exception) -> int:
+    codes = pb_utils.TritonError
+    if isinstance(error, InvalidRequest):
+        return codes.INVALID_ARG
+    if isinstance(error, Cancelled):
+        return codes.CANCELLED
+    if isinstance(error, ServerBusy | RequestTimeout | ModelNotReady):
+        return codes.UNAVAILABLE
+    return codes.INTERNAL
+
+
+class KandinskyGeneration:
+    """TritonPythonModel of the `kandinsky` model (decoupled)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.info = ServerInfo.from_parameters(json.loads(parameters["server_info"]))
+        self.input_names = [tensor["name"] for tensor in config["input"]]
+        self.max_running = int(parameters["max_concurrent_generations"])
+        self.capacity = self.max_running + int(parameters["max_queued_generations"])
+        self.max_seconds = float(parameters["max_generation_seconds"])
+        self.served_models = set(json.loads(parameters["served_models"]))
+        self.pool = ThreadPoolExecutor(self.max_running, thread_name_prefix="generation")
+        self.lock = threading.Lock()
+        self.admitted = 0  # running + waiting for a thread
+        self.zero_image_embeds: np.ndarray | None = None
+
+    def execute(self, requests: list[Any]) -> None:
+        """Admit or refuse each request at once; admitted ones run on the thread pool."""
+        for request in requests:
+            sender = request.get_response_sender()
+            arrived = time.monotonic()
+            with self.lock:
+                admitted = self.admitted < self.capacity
+                self.admitted += admitted
+            if not admitted:
+                busy = ServerBusy(
+                    f"{self.max_running} generations are running and {self.capacity - self.max_running} "
+                    "are waiting; retry later"
+                )
+                self._send_error(sender, busy)
+                continue
+            self.pool.submit(self._serve, request, sender, arrived)
+        return None
+
+    def _serve(self, request: Any, sender: Any, arrived: float) -> None:
+        try:
+            self._generate(request, sender, arrived)
+        except KandinskyClientError as error:
+            self._send_error(sender, error)
+        except Exception as error:  # noqa: BLE001 - one failed generation must not take the model down
+            logger.exception("generation failed")
+            self._send_error(sender, RuntimeError(f"internal error: {error}"))
+        finally:
+            with self.lock:
+                self.admitted -= 1
+
+    def _generate(self, request: Any, sender: Any, arrived: float) -> None:
+        pb = self.pb
+        inputs = {}
+        for name in self.input_names:
+            tensor = pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        generation_request, options = request_from_inputs(inputs, json.loads(request.parameters() or "{}"))
+        deadline = arrived + self._time_limit(request, options)
+        self._stop_if_abandoned(request, deadline)  # it may have waited for a thread
+        checked = check_request(generation_request, self.info)
+        transport = BlsTransport(pb, deadline)
+        generator = Generator(transport, self.info, self.zero_image_embeds)
+        missing = [m for m in MODE_MODELS[checked.mode] if m not in self.served_models]
+        if missing:
+            raise ModelNotReady(
+                f"mode {checked.mode} needs model(s) {missing}, which this server does not have"
+            )
+        loop_steps, total = generator.loop_steps(checked), generator.total_steps(checked)
+        done = 0
+
+        def step_end(stage: str, step: int, timestep: int, latents: np.ndarray) -> None:
+            nonlocal done
+            done += 1
+            self._stop_if_abandoned(request, deadline)
+            if options.progress:
+                outputs = {
+                    "stage": np.array([stage.encode()], dtype=np.object_),
+                    "step": np.array([step + 1], np.int64),
+                    "num_steps": np.array([loop_steps[stage]], np.int64),
+                    "timestep": np.array([timestep], np.int64),
+                    "done": np.array([done], np.int64),
+                    "total": np.array([total], np.int64),
+                }
+                if (
+                    options.preview_every
+                    and stage == DECODER_STAGE
+                    and (step + 1) % options.preview_every == 0
+                ):
+                    rgb = transport.infer(registry.DECODE_IMAGE, {"latents": latents})["image_rgb"]
+                    outputs["preview"] = np.array([png_base64(_image(x)) for x in rgb], dtype=np.object_)
+                sender.send(pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()]))
+
+        result = generator.generate(checked, None, step_end)
+        self.zero_image_embeds = generator._zero_image_embeds
+        outputs = final_outputs(result, checked.seed, options.return_image_embeds)
+        final = pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()])
+        sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _time_limit(self, request: Any, options: ResponseOptions) -> float:
+        """The server's limit, lowered by the request's own (timeout_s, or Triton's request timeout)."""
+        limits = [self.max_seconds]
+        if options.timeout_s:
+            if not 0 < options.timeout_s < float("inf"):
+                raise InvalidRequest("timeout_s", f"is {options.timeout_s}; it must be > 0 seconds")
+            limits.append(options.timeout_s)
+        if request.timeout():
+            limits.append(request.timeout() / 1e6)
+        return min(limits)
+
+    @staticmethod
+    def _stop_if_abandoned(request: Any, deadline: float) -> None:
+        if request.is_cancelled():
+            raise Cancelled("the client cancelled the generation")
+        if time.monotonic() > deadline:
+            raise RequestTimeout("the generation's time limit passed; it was stopped")
+
+    def _send_error(self, sender: Any, error: Exception) -> None:
+        pb = self.pb
+        message = error_message(error) if isinstance(error, KandinskyClientError) else str(error)
+        logger.info("generation refused: %s", message)
+        response = pb.InferenceResponse(error=pb.TritonError(message, _error_code(pb, error)))
+        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _image(rgb: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray(rgb)

@@ -1,0 +1,166 @@
+"""Helpers for tests that run `kandinsky-serve` as users do (a child process) and talk raw HTTP to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kandinsky_repository.server import free_port
+
+from .conftest import TEST_ADMIN_KEY
+
+
+def generate_once(client) -> None:
+    """One small text-to-image generation; the only line that knows the client's generation API."""
+    result = client.text_to_image(
+        "a cat", height=64, width=64, prior_num_inference_steps=2, num_inference_steps=2
+    )
+    assert result.images[0].size == (64, 64)
+
+
+def http(
+    method: str,
+    url: str,
+    body: bytes | str | dict | None = None,
+    headers: dict | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict | str]:
+    """(status, JSON body or text) of one request; HTTP errors are answers too."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll `predicate()` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not met after {timeout:.0f}s")
+
+
+@dataclass
+class Served:
+    """A running `kandinsky-serve` child process and its ports."""
+
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    health_port: int
+    log_file: Path
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            return http("GET", f"http://127.0.0.1:{self.health_port}/health/ready", timeout=10)
+        except OSError as error:
+            return 0, {"error": str(error)}
+
+    def triton_http_port(self) -> int:
+        """Triton's own HTTP port (an internal one behind the gateway)."""
+        marker = "Triton on 127.0.0.1:"
+        text = self.output
+        return int(text.split(marker, 1)[1].split()[0]) if marker in text else self.http_port
+
+    def wait_recovered(self, recoveries: int, timeout: float = 180.0) -> dict:
+        """The health report once deep-ready with at least `recoveries` recoveries behind it."""
+
+        def done() -> dict | None:
+            status, report = self.health()
+            ok = status == 200 and report.get("recoveries", 0) >= recoveries
+            return report if ok else None
+
+        return wait_for(done, timeout, what=f"deep readiness after {recoveries} recoveries")
+
+    def stop(self, timeout: float = 60.0) -> float:
+        """SIGTERM; seconds until the process exited."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout)
+        return time.monotonic() - started
+
+
+def start_serve(repository: Path, log_dir: Path, *extra: str, timeout: float = 240.0) -> Served:
+    """`kandinsky-serve` on free ports with TEST_ADMIN_KEY; returns once it prints "Triton is serving"."""
+    ports = [free_port() for _ in range(4)]
+    log_file = log_dir / "triton.log"
+    command = [
+        sys.executable,
+        "-m",
+        "kandinsky_repository.server",
+        "--repository",
+        str(repository),
+        "--http-port",
+        str(ports[0]),
+        "--grpc-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--health-port",
+        str(ports[3]),
+        "--log-file",
+        str(log_file),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "KANDINSKY_ADMIN_KEY": TEST_ADMIN_KEY},
+    )
+    served = Served(process, *ports, log_file)
+
+    def read() -> None:
+        for line in process.stdout:
+            served.lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        wait_for(
+            lambda: "Triton is serving" in served.output or process.poll() is not None,
+            timeout,
+            what="kandinsky-serve start",
+        )
+    except TimeoutError:
+        served.stop()
+        raise
+    if process.poll() is not None:
+        raise RuntimeError(f"kandinsky-serve exited with {process.returncode}:\n{served.output}")
+    return served
