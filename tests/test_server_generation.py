@@ -26,6 +26,7 @@ import pytest
 from kandinsky_client.errors import InvalidRequest, RequestTimeout, ServerBusy
 from kandinsky_client.pipeline import KandinskyClient
 from kandinsky_client.request import GenerationRequest
+from kandinsky_client.retry import NO_RETRY, RetryPolicy
 from kandinsky_client.validation import check_request
 from kandinsky_client.wire import MODEL_NAME, ResponseOptions, request_inputs
 from kandinsky_repository.generate import RepositoryOptions, generate_repository
@@ -432,8 +433,13 @@ def test_full_generation_queue_refuses_at_once_with_server_busy(busy_server):
         time.sleep(0.3)  # the first one runs, the second one waits
     started = time.monotonic()
     with pytest.raises(ServerBusy, match="1 generations are running and 1 are waiting"):
-        KandinskyClient(busy_server.grpc_url, loop="server").generate(slow)
+        KandinskyClient(busy_server.grpc_url, loop="server", retry=NO_RETRY).generate(slow)
     assert time.monotonic() - started < 2, "refused at once, not after waiting"
+    # The default policy waits and tries again (retry.py), then says so.
+    with pytest.raises(ServerBusy, match=r"gave up on generation after 2 attempts"):
+        KandinskyClient(
+            busy_server.grpc_url, loop="server", retry=RetryPolicy(attempts=2, backoff_s=0.1)
+        ).generate(slow)
     status, answer = generate_json(busy_server.http_url, {"prompt": "x", **PROMPTED})
     assert status == 400 and answer["error"].startswith("server busy: ")
     for thread in threads:

@@ -179,6 +179,11 @@ def end_to_end_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _queue_per_step(level: dict[str, Any]) -> float:
+    steps = level["requests"] * (level.get("denoising_steps_per_request") or 1)
+    return level["overhead"]["queue_s"] / steps
+
+
 def loops_rows(result: dict[str, Any]) -> list[str]:
     """Loops x concurrency: the two loops side by side."""
     columns: list[tuple[str, Any]] = [
@@ -187,6 +192,7 @@ def loops_rows(result: dict[str, Any]) -> list[str]:
         ("p99 s", lambda lv: _s(lv["latency"]["p99"])),
         ("images/s", lambda lv: f"{lv['images_per_s']:.3f}"),
         ("outside compute ms/step", lambda lv: _ms2(lv["overhead"]["outside_per_step_s"])),
+        ("of which Triton queue ms/step", lambda lv: _ms2(_queue_per_step(lv))),
         ("unet requests/execution", lambda lv: _per_exec(lv, "unet")),
         ("prior requests/execution", lambda lv: _per_exec(lv, "prior")),
     ]

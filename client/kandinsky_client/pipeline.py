@@ -30,6 +30,7 @@ from .request import (
     VARIATIONS,
     GenerationRequest,
 )
+from .retry import NO_RETRY, RetryPolicy, with_retries
 from .server_info import ServerInfo
 from .transport import DEFAULT_TIMEOUT_S, TritonTransport
 from .validation import check_request
@@ -50,6 +51,9 @@ class KandinskyClient:
       and may return replacements; on the server loop `latents` is None. Raising from it cancels.
     - `noise`: a `NoiseSource` replacing the seeded draws (client loop only; parity tests use it).
     - `on_preview(stage, step, images)` and `preview_every`: preview images from the server loop.
+
+    `retry` (retry.py) says which failures are tried again: each step of the client loop, or a whole
+    server-side generation (its step callback then sees the steps again).
     """
 
     def __init__(
@@ -61,14 +65,16 @@ class KandinskyClient:
         loop: str = "client",
         token: str | None = None,
         headers: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if loop not in LOOPS:
             raise InvalidRequest("loop", f"is {loop!r}; valid values: {', '.join(LOOPS)}")
         headers = dict(headers or {})
         if token:
-            headers["Authorization"] = f"Bearer {token}"
+            headers["authorization"] = f"Bearer {token}"  # lowercase: gRPC metadata keys must be
         self.loop = loop
-        self.transport = TritonTransport(url, protocol, timeout_s, headers)
+        self.retry = retry or RetryPolicy()
+        self.transport = TritonTransport(url, protocol, timeout_s, headers, self.retry)
         self.transport.check_live()
         self._info: ServerInfo | None = None
         self._generator: Generator | None = None
@@ -121,14 +127,19 @@ class KandinskyClient:
             self.transport.headers,
             self.info.dims.embed_dim,
         )
-        # The seed drawn by the check goes to the server, so the result is reproducible either way.
-        return remote.generate(
-            request.with_values(seed=checked.seed),
-            callback_on_step_end=callback_on_step_end,
-            on_preview=on_preview,
-            preview_every=preview_every,
-            shapes=self._output_shapes(checked),
-        )
+
+        # The seed drawn by the check goes to the server, so the result is the same on any try or replica.
+        def attempt() -> Generation:
+            return remote.generate(
+                request.with_values(seed=checked.seed),
+                callback_on_step_end=callback_on_step_end,
+                on_preview=on_preview,
+                preview_every=preview_every,
+                shapes=self._output_shapes(checked),
+            )
+
+        policy = self.retry if self.retry.retry_generations else NO_RETRY
+        return with_retries(policy, "generation", attempt)
 
     def _output_shapes(self, checked: GenerationRequest) -> dict[str, tuple[int, ...]]:
         batch = (1 if checked.prompt is None else len(checked.prompt)) * checked.num_images_per_prompt

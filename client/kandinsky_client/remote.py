@@ -23,6 +23,7 @@ from .errors import (
     InvalidRequest,
     KandinskyClientError,
     RequestTimeout,
+    ServerBusy,
     ServerUnavailable,
     error_from_message,
 )
@@ -169,6 +170,10 @@ class RemoteGenerator:
             raise ServerUnavailable(f"'{self.url}' closed the stream before the final response")
         except TimeoutError:
             raise self._deadline_error() from None
+        except (ConnectionError, http.client.HTTPException) as error:
+            raise ServerUnavailable(
+                f"lost the server at '{self.url}' during the generation: {error!r}"
+            ) from error
         finally:
             connection.close()  # a generation still running on the server is cancelled by this
 
@@ -189,6 +194,8 @@ def _http_error(status: int, body: bytes, url: str) -> KandinskyClientError:
         message = body.decode("utf-8", "replace")
     if status in (502, 503, 504):
         return ServerUnavailable(f"'{url}' answered HTTP {status}: {message}")
+    if status == 429:
+        return ServerBusy(f"'{url}' answered HTTP 429 (rate limit): {message}")
     return error_from_message(MODEL_NAME, message)
 
 
@@ -197,6 +204,8 @@ def _stream_error(error: Exception, url: str) -> KandinskyClientError:
     message = getattr(error, "message", lambda: str(error))() or str(error)
     if "UNAVAILABLE" in status:
         return ServerUnavailable(f"no server answers at '{url}' over grpc: {message}")
+    if "RESOURCE_EXHAUSTED" in status and "rate" in message.lower():
+        return ServerBusy(f"'{url}' rate-limits this client: {message}")
     return error_from_message(MODEL_NAME, message)
 
 

@@ -23,9 +23,11 @@ from .errors import (
     KandinskyClientError,
     ModelNotReady,
     RequestTimeout,
+    ServerBusy,
     ServerUnavailable,
     error_from_message,
 )
+from .retry import RetryPolicy, with_retries
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -48,8 +50,16 @@ def _is_timeout(error: BaseException) -> bool:
 
 
 def _is_connection_error(error: InferenceServerException) -> bool:
+    """Nothing answered, or the gateway says the server behind it is restarting (HTTP 502-504)."""
     status = str(error.status() or "")
-    return "UNAVAILABLE" in status or "failed to connect" in (error.message() or "").lower()
+    message = (error.message() or "").lower()
+    return any(s in status for s in ("UNAVAILABLE", "502", "503", "504")) or "failed to connect" in message
+
+
+def _is_rate_limited(error: InferenceServerException) -> bool:
+    """The gateway's per-client rate limit (HTTP 429, gRPC RESOURCE_EXHAUSTED naming the rate)."""
+    status = str(error.status() or "")
+    return "429" in status or ("RESOURCE_EXHAUSTED" in status and "rate" in (error.message() or "").lower())
 
 
 class TritonTransport:
@@ -64,6 +74,7 @@ class TritonTransport:
         protocol: str = "grpc",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         headers: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise InvalidRequest("protocol", f"'{protocol}' is not one of {PROTOCOLS}")
@@ -71,6 +82,7 @@ class TritonTransport:
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = check_timeout(timeout_s)
         self.headers = dict(headers or {})
+        self.retry = retry or RetryPolicy()
         self._confirmed_ready: set[str] = set()
         if protocol == "grpc":
             import tritonclient.grpc as triton
@@ -102,6 +114,8 @@ class TritonTransport:
                 raise RequestTimeout(
                     f"{what}: no answer from '{self.url}' within {self.timeout_s:g} s"
                 ) from error
+            if _is_rate_limited(error):
+                raise ServerBusy(f"{what}: rate limited by '{self.url}': {error.message()}") from error
             if _is_connection_error(error):
                 raise ServerUnavailable(
                     f"{what}: no Triton server answers at '{self.url}': {error.message()}"
@@ -201,7 +215,13 @@ class TritonTransport:
             ) from error
 
     def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `spec.name` on `inputs` (keyed by the spec's input names); return every declared output."""
+        """Run `spec.name` on `inputs` (keyed by the spec's input names); return every declared output.
+
+        A retryable failure (see retry.py) is tried again: the request is idempotent.
+        """
+        return with_retries(self.retry, f"'{spec.name}'", lambda: self._infer_once(spec, inputs))
+
+    def _infer_once(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         requests = []
         for name, value in model_inputs(spec, inputs).items():
             request = self._triton.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))

@@ -80,11 +80,10 @@ class RepositoryOptions:
     ort_trt_cache_dir: str = ""  # its engine cache ("": <repository>/<model>/trt_cache)
     warmup: bool = True  # one warm-up request per network model at load
     cuda_graphs: bool = True  # tensorrt: CUDA graphs for engines with static image sizes
-    # The server-side generation model (`kandinsky`): generations running at once, generations waiting
-    # for one of them (more are refused as "server busy"), and the time limit of one generation.
-    max_concurrent_generations: int = 8
-    max_queued_generations: int = 32
-    max_generation_seconds: float = 600.0
+    # The server-side generation model (`kandinsky`; see settings.py)
+    max_concurrent_generations: int = DEFAULTS.max_concurrent_generations
+    max_queued_generations: int = DEFAULTS.max_queued_generations
+    max_generation_seconds: float = DEFAULTS.max_generation_seconds
 
 
 def dtype_enum(dtype: str) -> int:

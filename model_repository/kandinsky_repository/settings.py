@@ -42,6 +42,13 @@ class Defaults:
     # inputs can hold: at the largest request (96 MiB of images) 32 waiting requests hold ~3 GiB.
     max_queue_size: int = 32
 
+    # -- server-side generation (the `kandinsky` model) ------------------------------------------------------
+    # Generations running at once (threads sharing the per-step models' batches), generations waiting for
+    # one of them (more are refused at once as "server busy"), and the time limit of one generation.
+    max_concurrent_generations: int = 8
+    max_queued_generations: int = 32
+    max_generation_seconds: float = 600.0
+
     # -- gateway -----------------------------------------------------------------------------------------
     gateway_token_env: str = "KANDINSKY_GATEWAY_TOKEN"  # bearer token required when set
     # Per client address. The client runs the denoising loop itself: one image is ~100 requests (25 prior
