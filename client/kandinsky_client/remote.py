@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -199,11 +200,17 @@ def _http_error(status: int, body: bytes, url: str) -> KandinskyClientError:
     return error_from_message(MODEL_NAME, message)
 
 
+# HTTP/2 stream reset by the peer: what a gRPC proxy sends when the server behind it goes away mid-call.
+_STREAM_RESET = re.compile(r"RST_STREAM|Stream removed", re.I)
+
+
 def _stream_error(error: Exception, url: str) -> KandinskyClientError:
     status = str(getattr(error, "status", lambda: "")() or "")
     message = getattr(error, "message", lambda: str(error))() or str(error)
     if "UNAVAILABLE" in status:
         return ServerUnavailable(f"no server answers at '{url}' over grpc: {message}")
+    if _STREAM_RESET.search(message):  # a proxy (the gateway) lost the replica running the generation
+        return ServerUnavailable(f"lost the server at '{url}' during the generation (grpc): {message}")
     if "RESOURCE_EXHAUSTED" in status and "rate" in message.lower():
         return ServerBusy(f"'{url}' rate-limits this client: {message}")
     return error_from_message(MODEL_NAME, message)

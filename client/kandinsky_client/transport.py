@@ -50,10 +50,16 @@ def _is_timeout(error: BaseException) -> bool:
 
 
 def _is_connection_error(error: InferenceServerException) -> bool:
-    """Nothing answered, or the gateway says the server behind it is restarting (HTTP 502-504)."""
+    """Nothing answered, the gateway says the server behind it is restarting (HTTP 502-504), or a proxy
+    reset the call's HTTP/2 stream because the replica serving it went away (gRPC RST_STREAM)."""
     status = str(error.status() or "")
     message = (error.message() or "").lower()
-    return any(s in status for s in ("UNAVAILABLE", "502", "503", "504")) or "failed to connect" in message
+    return (
+        any(s in status for s in ("UNAVAILABLE", "502", "503", "504"))
+        or "failed to connect" in message
+        or "rst_stream" in message
+        or "stream removed" in message
+    )
 
 
 def _is_rate_limited(error: InferenceServerException) -> bool:

@@ -18,17 +18,28 @@ requests are checked by `gateway_files/kandinsky_gateway.js`, an optional bearer
 both protocols, each client address is rate-limited (429 / RESOURCE_EXHAUSTED), and a Triton that does
 not answer (restarting) gives 503 + JSON (UNAVAILABLE over gRPC): retryable.
 
+Several Triton replicas (`deploy/`, Kubernetes): `--triton-http`, `--triton-grpc` and `--health-url`
+each take one address per replica, or a host name with several addresses (a headless Service), which
+the gateway looks up again every `--resolve-interval` seconds, reloading nginx gracefully when the set
+changes. nginx balances per request (round robin): every step of a client-side loop may go to any
+replica; a server-side generation is one streamed request, so it stays on one replica. A request whose
+replica refuses, resets or does not answer before its response starts goes to the next replica, within a
+short window (settings.py: `upstream_*`); later failures reach the client, whose retry policy sends the
+step or the whole generation again (same seed, same image).
+
 The configuration is rendered from `gateway_files/nginx.conf.template` and the defaults of
 `settings.py` into a runtime folder at start; nginx runs in the foreground with that folder as its
 prefix (pid, temp paths, error log), so it needs no root and touches nothing else. Standalone:
 `kandinsky-gateway --triton-http H:P --triton-grpc H:P --health-url URL --repository R` (Docker compose
-runs it as its own service; `--write-config DIR` only renders, for other deployments).
+and the Kubernetes chart run it as its own service; `--write-config DIR` only renders, for other
+deployments).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -90,9 +102,10 @@ def loopback_for(host: str) -> str:
 
 @dataclass(frozen=True)
 class GatewayOptions:
-    triton_http: str  # host:port of Triton's HTTP endpoint
-    triton_grpc: str  # host:port of Triton's gRPC endpoint
-    health: str  # host:port of kandinsky-serve's health endpoint
+    # host:port of each replica's endpoint (one string: one replica, or a name with several addresses)
+    triton_http: str | Sequence[str]  # Triton's HTTP endpoint
+    triton_grpc: str | Sequence[str]  # Triton's gRPC endpoint
+    health: str | Sequence[str]  # kandinsky-serve's health endpoint
     repository: Path  # the served repository: type table and size limits
     admin_key: AdminKey | None = None  # added to the repository index route only
     host: str = DEFAULTS.host
@@ -104,7 +117,62 @@ class GatewayOptions:
     max_body_bytes: int | None = None  # None: computed from the repository (gateway_limits.py)
     json_max_elements: int | None = None  # None: computed from the repository
     worker_processes: str = "auto"
+    resolve_interval_s: float = 0.0  # > 0: host names are looked up by the gateway, again this often
     extra: dict[str, str] = field(default_factory=dict)  # more placeholders (tests)
+
+
+# -- replicas -----------------------------------------------------------------------------------------
+
+UPSTREAMS = ("triton_http", "triton_grpc", "health")
+# Written when a name resolves to nothing (no replica ready): nginx needs a server, this one is never
+# tried, so requests get the gateway's 503 "restarting or overloaded; retry" at once.
+NO_REPLICA = "127.0.0.1:9 down"
+
+
+def _addresses(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+def resolve_address(text: str) -> list[str]:
+    """'name:port' -> every 'ip:port' the name resolves to now (sorted); an IP address stays as it is."""
+    host, port = host_port(text)
+    if _is_ip(host):
+        return [address(host, port)]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        logger.warning("gateway: %s does not resolve (%s); no replica there for now", host, error)
+        return []
+    return sorted({address(info[4][0], port) for info in found})
+
+
+def upstream_servers(options: GatewayOptions) -> dict[str, list[str]]:
+    """The replicas' addresses per upstream, as the configuration will list them."""
+    servers = {}
+    for name in UPSTREAMS:
+        wanted = _addresses(getattr(options, name))
+        if options.resolve_interval_s > 0:
+            found = sorted({a for text in wanted for a in resolve_address(text)})
+        else:
+            found = list(dict.fromkeys(wanted))  # nginx resolves names once, at start
+        servers[name] = found
+    return servers
+
+
+def _server_lines(addresses: list[str]) -> str:
+    if not addresses:
+        return f"        server {NO_REPLICA};"
+    # (nginx never marks a single server down: the parameters would be ignored)
+    failure = f" max_fails=1 fail_timeout={DEFAULTS.upstream_fail_timeout_s}s" if len(addresses) > 1 else ""
+    return "\n".join(f"        server {a}{failure};" for a in addresses)
 
 
 def find_nginx() -> Path:
@@ -146,8 +214,12 @@ def _token_map(token: str | None) -> tuple[str, str]:
     return "0", f'        "~^Bearer {escaped}$" 1;'
 
 
-def render(options: GatewayOptions, load_module: str) -> tuple[str, dict]:
-    """The nginx configuration and the njs config module's contents for `options`."""
+def render(
+    options: GatewayOptions, load_module: str, servers: dict[str, list[str]] | None = None
+) -> tuple[str, dict]:
+    """The nginx configuration and the njs config module's contents for `options` (and the replicas'
+    addresses `servers`, by default looked up now)."""
+    servers = upstream_servers(options) if servers is None else servers
     configs = read_configs(options.repository)
     limits = request_limits(options.repository, configs)
     max_body = options.max_body_bytes or limits.max_body_bytes
@@ -164,10 +236,12 @@ def render(options: GatewayOptions, load_module: str) -> tuple[str, dict]:
         "RATE_ZONE_MB": str(DEFAULTS.rate_zone_mb),
         "RATE_PER_S": str(options.rate_per_s),
         "BURST": str(options.burst),
-        "TRITON_HTTP": options.triton_http,
-        "TRITON_GRPC": options.triton_grpc,
-        "HEALTH": options.health,
+        "TRITON_HTTP_SERVERS": _server_lines(servers["triton_http"]),
+        "TRITON_GRPC_SERVERS": _server_lines(servers["triton_grpc"]),
+        "HEALTH_SERVERS": _server_lines(servers["health"]),
         "KEEPALIVE": str(DEFAULTS.keepalive_connections),
+        "UPSTREAM_TRIES": str(DEFAULTS.upstream_tries),
+        "UPSTREAM_RETRY_WINDOW_S": str(DEFAULTS.upstream_retry_window_s),
         "ADMIN_HEADER": key.header if key else DEFAULTS.admin_key_header,
         "ADMIN_GRPC_HEADER": key.grpc_header if key else f"triton-grpc-protocol-{DEFAULTS.admin_key_header}",
         "ADMIN_KEY": key.key if key else "",
@@ -196,10 +270,15 @@ def render(options: GatewayOptions, load_module: str) -> tuple[str, dict]:
     return text, script_config
 
 
-def write_runtime(options: GatewayOptions, runtime_dir: Path, nginx: Path | None = None) -> Path:
+def write_runtime(
+    options: GatewayOptions,
+    runtime_dir: Path,
+    nginx: Path | None = None,
+    servers: dict[str, list[str]] | None = None,
+) -> Path:
     """Render everything nginx needs into `runtime_dir`; returns the configuration file."""
     nginx = nginx or find_nginx()
-    text, script_config = render(options, njs_load_module(nginx))
+    text, script_config = render(options, njs_load_module(nginx), servers)
     runtime_dir.mkdir(parents=True, exist_ok=True)
     runtime_dir.chmod(0o711)  # nginx workers (nobody when started as root) need to traverse it
     for sub in ("js", "temp"):
@@ -211,9 +290,11 @@ def write_runtime(options: GatewayOptions, runtime_dir: Path, nginx: Path | None
         f"export default {json.dumps(script_config, indent=1)};\n"
     )
     conf = runtime_dir / "nginx.conf"
-    descriptor = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the token and key
+    partial = runtime_dir / "nginx.conf.new"  # renamed into place: a reload never reads half a file
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the token and key
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
+    partial.replace(conf)
     return conf
 
 
@@ -227,6 +308,9 @@ class Gateway:
         self.nginx = find_nginx()
         self.process: subprocess.Popen | None = None
         self.conf: Path | None = None
+        self.servers: dict[str, list[str]] = {}
+        self._resolved_at = 0.0
+        self.reloads = 0
 
     @property
     def http_url(self) -> str:
@@ -247,10 +331,44 @@ class Gateway:
 
     def prepare(self) -> None:
         """Render the configuration and have nginx check it (`nginx -t`)."""
-        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx)
+        self.servers = upstream_servers(self.options)
+        self._resolved_at = time.monotonic()
+        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx, self.servers)
+        self._check()
+        logger.info("gateway replicas: %s", ", ".join(self.servers["triton_http"]) or "none yet")
+
+    def _check(self) -> None:
         check = subprocess.run(self._command("-t", "-q"), capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise GatewayUnavailable(f"nginx refused the rendered {self.conf}: {check.stderr.strip()}")
+
+    def refresh(self) -> bool:
+        """Look the replicas up again when `resolve_interval_s` has passed; on a change, rewrite the
+        configuration and reload nginx (SIGHUP: new workers take new requests, old ones finish theirs).
+        Returns whether it reloaded."""
+        interval = self.options.resolve_interval_s
+        if interval <= 0 or time.monotonic() - self._resolved_at < interval:
+            return False
+        self._resolved_at = time.monotonic()
+        servers = upstream_servers(self.options)
+        if servers == self.servers:
+            return False
+        logger.info(
+            "gateway replicas changed: %s -> %s",
+            ", ".join(self.servers.get("triton_http", [])) or "none",
+            ", ".join(servers["triton_http"]) or "none",
+        )
+        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx, servers)
+        try:
+            self._check()
+        except GatewayUnavailable as error:  # keep serving the previous configuration; try again later
+            logger.error("gateway: not reloading: %s", error)
+            return False
+        self.servers = servers
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGHUP)
+            self.reloads += 1
+        return True
 
     def start(self) -> None:
         if self.conf is None:
@@ -344,17 +462,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--triton-http",
         required=True,
-        help=f"Triton's HTTP endpoint, host[:port] (port {DEFAULTS.http_port})",
+        nargs="+",
+        help=f"Triton's HTTP endpoint, host[:port] (port {DEFAULTS.http_port}); one per replica, or a name "
+        "with an address per replica",
     )
     parser.add_argument(
         "--triton-grpc",
         required=True,
-        help=f"Triton's gRPC endpoint, host[:port] (port {DEFAULTS.grpc_port})",
+        nargs="+",
+        help=f"Triton's gRPC endpoint, host[:port] (port {DEFAULTS.grpc_port}); as --triton-http",
     )
     parser.add_argument(
         "--health-url",
         required=True,
-        help=f"kandinsky-serve's health endpoint, host[:port] or URL (port {DEFAULTS.health_port})",
+        nargs="+",
+        help=f"kandinsky-serve's health endpoint, host[:port] or URL (port {DEFAULTS.health_port}); as "
+        "--triton-http",
+    )
+    parser.add_argument(
+        "--resolve-interval",
+        type=float,
+        default=DEFAULTS.resolve_interval_s,
+        help="seconds between look-ups of the replicas' host names (nginx reloads when they change); "
+        f"0: nginx resolves them once (default {DEFAULTS.resolve_interval_s:g})",
     )
     parser.add_argument("--repository", type=Path, required=True, help="the served repository (read only)")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on")
@@ -368,12 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    health_host, health_port = host_port(args.health_url, DEFAULTS.health_port)
     options = options_from_arguments(
         args,
-        triton_http=address(*host_port(args.triton_http, DEFAULTS.http_port)),
-        triton_grpc=address(*host_port(args.triton_grpc, DEFAULTS.grpc_port)),
-        health=address(health_host, health_port),
+        triton_http=tuple(address(*host_port(a, DEFAULTS.http_port)) for a in args.triton_http),
+        triton_grpc=tuple(address(*host_port(a, DEFAULTS.grpc_port)) for a in args.triton_grpc),
+        health=tuple(address(*host_port(a, DEFAULTS.health_port)) for a in args.health_url),
+        resolve_interval_s=args.resolve_interval,
         repository=args.repository,
         admin_key=resolve_admin_key(args.admin_key_file)
         if args.admin_key_file or os.environ.get(DEFAULTS.admin_key_env)
@@ -387,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             "no admin key (--admin-key-file or $%s): POST /v2/repository/index will be refused by Triton",
             DEFAULTS.admin_key_env,
         )
-    if args.write_config:
-        conf = write_runtime(options, args.write_config)
+    if args.write_config:  # for an nginx run by others: names stay names (nginx resolves them at start)
+        conf = write_runtime(dataclasses.replace(options, resolve_interval_s=0.0), args.write_config)
         print(f"wrote {conf}")
         return 0
 
@@ -404,11 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         gateway.start()
         gateway.wait_listening()
         print(
-            f"gateway: HTTP {gateway.http_url}, gRPC {gateway.grpc_url} -> Triton {args.triton_http}",
+            f"gateway: HTTP {gateway.http_url}, gRPC {gateway.grpc_url} -> Triton "
+            f"{' '.join(args.triton_http)}",
             flush=True,
         )
         while gateway.poll() is None:
             time.sleep(0.2)
+            gateway.refresh()
         print(f"nginx exited with code {gateway.poll()}; see {gateway.error_log}", file=sys.stderr)
         return 1
     except GatewayUnavailable as error:

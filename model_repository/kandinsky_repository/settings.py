@@ -60,7 +60,18 @@ class Defaults:
     upstream_connect_timeout_s: int = 5
     upstream_timeout_s: int = 600  # a request or stream may take this long between two reads
     worker_connections: int = 1024
-    keepalive_connections: int = 32  # idle connections kept open to Triton
+    keepalive_connections: int = 32  # idle connections kept open to Triton (per replica)
+    # Several Triton replicas behind one gateway (Kubernetes: a headless Service): a request that cannot
+    # reach its replica (refused, reset, connect timeout, 502-504) goes to the next one, at most
+    # `upstream_tries` replicas in all and only within `upstream_retry_window_s` of its start (a long
+    # generation is not run twice: the client retries it whole); a replica that failed is skipped for
+    # `upstream_fail_timeout_s`. One replica: no retry (nginx never marks a single server down).
+    upstream_tries: int = 3
+    upstream_retry_window_s: int = 10
+    upstream_fail_timeout_s: int = 10
+    # `kandinsky-gateway --resolve-interval`: how often a replica host name (a headless Service) is looked
+    # up again; nginx is reloaded (gracefully) when its addresses change. 0: nginx resolves names once.
+    resolve_interval_s: float = 5.0
 
 
 DEFAULTS = Defaults()

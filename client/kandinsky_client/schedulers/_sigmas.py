@@ -18,6 +18,23 @@ import numpy as np
 from ._common import _ONE, Scheduler, _f32, broadcast_per_item, invalid
 
 
+def spaced_timesteps(
+    spacing: str, last_timestep: int, num_train_timesteps: int, n: int, steps_offset: int
+) -> np.ndarray:
+    """diffusers' `timestep_spacing` for the multistep schedulers: `n` descending int64 timesteps.
+
+    `last_timestep` is where the schedule starts ("linspace", "leading" and "trailing" count from it; the
+    trailing step ratio is taken over all `num_train_timesteps`, as diffusers does).
+    """
+    if spacing == "linspace":
+        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        step_ratio = last_timestep // (n + 1)
+        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    step_ratio = num_train_timesteps / n  # "trailing"
+    return np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64) - 1
+
+
 class SigmaScheduler(Scheduler):
     """Step-index state and timestep lookups shared by the sigma-space schedulers."""
 

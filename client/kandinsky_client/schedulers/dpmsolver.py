@@ -21,7 +21,7 @@ from ._common import (
     one_of,
     threshold_sample,
 )
-from ._sigmas import VPSigmaScheduler
+from ._sigmas import VPSigmaScheduler, spaced_timesteps
 
 _TWO = np.float32(2.0)
 _MINUS_TWO = np.float32(-2.0)
@@ -116,17 +116,7 @@ class DPMSolverMultistepScheduler(VPSigmaScheduler):
         lambdas = _log(alpha_t) - _log(sigma_t)
         clipped_idx = int(np.searchsorted(lambdas[::-1], np.float32(cfg["lambda_min_clipped"]), side="left"))
         last_timestep = total - clipped_idx
-        spacing = cfg["timestep_spacing"]
-        if spacing == "linspace":
-            timesteps = np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            step_ratio = last_timestep // (n + 1)
-            timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
-            timesteps += cfg["steps_offset"]
-        else:  # "trailing"
-            step_ratio = total / n
-            timesteps = np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64)
-            timesteps -= 1
+        timesteps = spaced_timesteps(cfg["timestep_spacing"], last_timestep, total, n, cfg["steps_offset"])
 
         train_sigmas = self._train_sigmas()
         if cfg["use_karras_sigmas"]:

@@ -23,7 +23,7 @@ from ._common import (
     optional,
     threshold_sample,
 )
-from ._sigmas import VPSigmaScheduler
+from ._sigmas import VPSigmaScheduler, spaced_timesteps
 
 
 def _solver_type(owner: str, key: str, value: Any) -> str:
@@ -120,17 +120,7 @@ class UniPCMultistepScheduler(VPSigmaScheduler):
         """The timesteps (with their sigmas) of one loop; resets the multistep state."""
         n = self._check_num_inference_steps(num_inference_steps, minimum=1)
         cfg, total = self.config, self.num_train_timesteps
-        spacing = cfg["timestep_spacing"]
-        if spacing == "linspace":
-            timesteps = np.linspace(0, total - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            step_ratio = total // (n + 1)
-            timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
-            timesteps += cfg["steps_offset"]
-        else:  # "trailing"
-            step_ratio = total / n
-            timesteps = np.arange(total, 0, -step_ratio).round().copy().astype(np.int64)
-            timesteps -= 1
+        timesteps = spaced_timesteps(cfg["timestep_spacing"], total, total, n, cfg["steps_offset"])
 
         train_sigmas = self._train_sigmas()
         if cfg["use_karras_sigmas"]:
