@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# First start: checkpoint -> ONNX bundle -> FP16 variants -> TensorRT engines -> model repository.
-# Every start: the steps that are already done are skipped (the bundle's manifest, the FP16 variants'
-# source hashes and the engines' sidecars say so), then `kandinsky-serve` serves: Triton under its
-# supervisor (restarts after a crash or a dead python-backend stub), deep health on port 8003, the
-# restricted APIs keyed by $KANDINSKY_DATA/admin.key (or $KANDINSKY_ADMIN_KEY). Inside the container it
-# listens on every interface (--host 0.0.0.0): compose decides what the host publishes.
-# Everything lives in $KANDINSKY_DATA.
+# kandinsky-entrypoint [prepare | serve [kandinsky-serve arguments] | COMMAND...]   (see docs/gpu.md)
 #
-# Environment (defaults in brackets; see docs/gpu.md):
+# Runs after NGC's own entrypoint (/opt/nvidia/nvidia_entrypoint.sh: driver and GPU checks), in $KANDINSKY_DATA.
+#
+#   prepare  the one-time steps, in the prepare image (docker compose's `prepare` service, the Helm chart's
+#            prepare Job): checkpoint -> ONNX bundle -> FP16 variants -> TensorRT engines -> model repository.
+#            Every step skips what is current: the bundle's manifest (written only when every parity check
+#            passed), the FP16 variants' and engines' source digests (cached, not re-hashed), the engines'
+#            sidecars. Settings are checked before anything is downloaded; a bad one stops here, once.
+#   serve    (default) kandinsky-serve on the prepared repository: Triton under its supervisor, deep health,
+#            the restricted APIs keyed by $KANDINSKY_DATA/admin.key (or $KANDINSKY_ADMIN_KEY), listening on
+#            every interface of the container (compose decides what the host publishes). It first checks that
+#            /dev/shm holds what the repository's python models may need (`docker run --shm-size`).
+#   COMMAND  anything else is run as it is (e.g. `bash`).
+#
+# Environment (empty or unset: the project's default, from its Python settings and registry):
 #   KANDINSKY_PRIOR            [kandinsky-community/kandinsky-2-2-prior]  hub id or folder
 #   KANDINSKY_DECODER          [kandinsky-community/kandinsky-2-2-decoder]
-#   KANDINSKY_DECODER_INPAINT  [kandinsky-community/kandinsky-2-2-decoder-inpaint]  empty: no inpainting
-#   KANDINSKY_PRESET           []  tiny|small: random weights instead of the hub (smoke test)
+#   KANDINSKY_DECODER_INPAINT  [kandinsky-community/kandinsky-2-2-decoder-inpaint]  set empty: no inpainting
+#   KANDINSKY_PRESET           tiny|small: random weights instead of the hub (a smoke test of the whole path)
 #   KANDINSKY_FLAVOUR          [tensorrt]  tensorrt | onnxruntime
-#   KANDINSKY_PRECISION        [default]  default (measured per component) | fp16 | fp32 (| mixed: engines)
-#   KANDINSKY_STATIC_SIZE      []  e.g. 768x768: engines for this size only (faster, CUDA graphs)
-#   KANDINSKY_MAX_IMAGE_SIZE   [1024]
-#   KANDINSKY_ORT_TENSORRT     [0]  onnxruntime flavour: 1 adds ONNX Runtime's TensorRT accelerator
-#   KANDINSKY_INSTANCES        [1]  instances per network model
-#   KANDINSKY_MAX_QUEUE_DELAY_US [2000]  dynamic batching window of the prior and UNet models
-#   KANDINSKY_ADMIN_KEY        []  key of Triton's restricted APIs (default: $KANDINSKY_DATA/admin.key)
-#   KANDINSKY_SERVE_ARGS       []  extra kandinsky-serve arguments (e.g. --gateway --gateway-token ...)
-# Arguments given to the container replace the final `kandinsky-serve` command (e.g. `bash`).
+#   KANDINSKY_PRECISION        [default]  default (measured per component) | fp16 | fp32 | mixed (engines only)
+#   KANDINSKY_STATIC_SIZE      e.g. 768x768: engines for this one size
+#   KANDINSKY_MAX_IMAGE_SIZE   largest image side served (the registry's MAX_IMAGE_SIZE)
+#   KANDINSKY_ORT_TENSORRT     1: onnxruntime flavour with ONNX Runtime's TensorRT accelerator
+#   KANDINSKY_INSTANCES        instances per network model (kandinsky-repository's default)
+#   KANDINSKY_MAX_QUEUE_DELAY_US  dynamic batching window of the per-step models (kandinsky-repository's)
+#   KANDINSKY_ADMIN_KEY        key of Triton's restricted APIs (default: a random one kept in admin.key)
+#   KANDINSKY_SERVE_ARGS       extra kandinsky-serve arguments (e.g. --gateway --log-verbose 1)
+#   HF_TOKEN                   only if your hub access needs one
 set -euo pipefail
 
 DATA="${KANDINSKY_DATA:-/data}"
@@ -29,66 +36,111 @@ BUNDLE="${DATA}/bundle"
 REPOSITORY="${DATA}/model_repository"
 FLAVOUR="${KANDINSKY_FLAVOUR:-tensorrt}"
 PRECISION="${KANDINSKY_PRECISION:-default}"
-MAX_IMAGE_SIZE="${KANDINSKY_MAX_IMAGE_SIZE:-1024}"
-mkdir -p "${DATA}"
+MAX_IMAGE_SIZE="${KANDINSKY_MAX_IMAGE_SIZE:-}"
+STATIC_SIZE="${KANDINSKY_STATIC_SIZE:-}"
+RECORD="kandinsky_repository.json"  # what kandinsky-repository writes at the repository's top
 
 log() { echo "[kandinsky] $*" >&2; }
+fail() { log "$*"; exit 2; }
 
-if [[ ! -f "${BUNDLE}/manifest.json" ]]; then
-    if [[ -n "${KANDINSKY_PRESET:-}" ]]; then
-        log "writing the random-weight '${KANDINSKY_PRESET}' preset"
-        kandinsky-export checkpoint --preset "${KANDINSKY_PRESET}" --output "${DATA}/checkpoint"
-        source_args=(--checkpoint "${DATA}/checkpoint")
-    else
-        source_args=(
-            --prior "${KANDINSKY_PRIOR:-kandinsky-community/kandinsky-2-2-prior}"
-            --decoder "${KANDINSKY_DECODER:-kandinsky-community/kandinsky-2-2-decoder}"
-        )
-        inpaint="${KANDINSKY_DECODER_INPAINT-kandinsky-community/kandinsky-2-2-decoder-inpaint}"
-        [[ -n "${inpaint}" ]] && source_args+=(--decoder-inpaint "${inpaint}")
+# The settings, checked before the first download or export: a wrong one is reported once, not after an
+# hour of export and in a restart loop.
+check_settings() {
+    case "${FLAVOUR}" in
+        tensorrt | onnxruntime) ;;
+        *) fail "KANDINSKY_FLAVOUR must be tensorrt or onnxruntime, not '${FLAVOUR}'" ;;
+    esac
+    case "${PRECISION}" in
+        default | fp16 | fp32) ;;
+        mixed) [[ "${FLAVOUR}" == "tensorrt" ]] || fail "KANDINSKY_PRECISION=mixed is for TensorRT engines only" ;;
+        *) fail "KANDINSKY_PRECISION must be default, fp16, fp32 or mixed, not '${PRECISION}'" ;;
+    esac
+    local profile_args=()
+    [[ -n "${MAX_IMAGE_SIZE}" ]] && profile_args+=(--max-size "${MAX_IMAGE_SIZE}")
+    [[ -n "${STATIC_SIZE}" ]] && profile_args+=(--static "${STATIC_SIZE}")
+    local profile
+    profile="$(kandinsky-export profile "${profile_args[@]}")" \
+        || fail "KANDINSKY_MAX_IMAGE_SIZE='${MAX_IMAGE_SIZE}' / KANDINSKY_STATIC_SIZE='${STATIC_SIZE}' cannot be served (above)"
+    log "image sizes: ${profile}"
+}
+
+prepare() {
+    check_settings
+    mkdir -p "${DATA}"
+    local size_args=()
+    [[ -n "${MAX_IMAGE_SIZE}" ]] && size_args+=(--max-size "${MAX_IMAGE_SIZE}")
+
+    if [[ ! -f "${BUNDLE}/manifest.json" ]]; then  # no manifest: never exported, or the export failed
+        local source_args
+        if [[ -n "${KANDINSKY_PRESET:-}" ]]; then
+            log "writing the random-weight '${KANDINSKY_PRESET}' preset"
+            kandinsky-export checkpoint --preset "${KANDINSKY_PRESET}" --output "${DATA}/checkpoint"
+            source_args=(--checkpoint "${DATA}/checkpoint")
+        else
+            source_args=(
+                --prior "${KANDINSKY_PRIOR:-kandinsky-community/kandinsky-2-2-prior}"
+                --decoder "${KANDINSKY_DECODER:-kandinsky-community/kandinsky-2-2-decoder}"
+            )
+            local inpaint="${KANDINSKY_DECODER_INPAINT-kandinsky-community/kandinsky-2-2-decoder-inpaint}"
+            [[ -n "${inpaint}" ]] && source_args+=(--decoder-inpaint "${inpaint}")
+        fi
+        log "exporting ONNX to ${BUNDLE} (CPU; about 20 GB of RAM for the released sizes)"
+        kandinsky-export onnx "${source_args[@]}" --output "${BUNDLE}"
     fi
-    log "exporting ONNX to ${BUNDLE} (CPU; about 20 GB of RAM for the released sizes)"
-    kandinsky-export onnx "${source_args[@]}" --output "${BUNDLE}"
-fi
 
-if [[ "${PRECISION}" != "fp32" ]]; then
-    log "FP16 variants (skipped where current)"
-    kandinsky-export fp16 --bundle "${BUNDLE}"
-fi
+    if [[ "${PRECISION}" != "fp32" ]]; then
+        log "FP16 variants (skipped where current)"
+        kandinsky-export fp16 --bundle "${BUNDLE}" "${size_args[@]}"
+    fi
 
-repository_args=(
-    --bundle "${BUNDLE}" --output "${REPOSITORY}" --flavour "${FLAVOUR}"
-    --max-image-size "${MAX_IMAGE_SIZE}"
-    --instances "${KANDINSKY_INSTANCES:-1}"
-    --max-queue-delay-us "${KANDINSKY_MAX_QUEUE_DELAY_US:-2000}"
-)
-case "${FLAVOUR}" in
-    tensorrt)
-        engine_args=(--bundle "${BUNDLE}" --precision "${PRECISION}" --max-size "${MAX_IMAGE_SIZE}")
-        [[ -n "${KANDINSKY_STATIC_SIZE:-}" ]] && engine_args+=(--static "${KANDINSKY_STATIC_SIZE}")
+    local repository_args=(--bundle "${BUNDLE}" --output "${REPOSITORY}" --flavour "${FLAVOUR}")
+    [[ -n "${MAX_IMAGE_SIZE}" ]] && repository_args+=(--max-image-size "${MAX_IMAGE_SIZE}")
+    [[ -n "${KANDINSKY_INSTANCES:-}" ]] && repository_args+=(--instances "${KANDINSKY_INSTANCES}")
+    [[ -n "${KANDINSKY_MAX_QUEUE_DELAY_US:-}" ]] && repository_args+=(--max-queue-delay-us "${KANDINSKY_MAX_QUEUE_DELAY_US}")
+    if [[ "${FLAVOUR}" == "tensorrt" ]]; then
+        local engine_args=(--bundle "${BUNDLE}" --precision "${PRECISION}" "${size_args[@]}")
+        [[ -n "${STATIC_SIZE}" ]] && engine_args+=(--static "${STATIC_SIZE}")
         log "TensorRT engines (rebuilt only when TensorRT, the GPU, the profile or the ONNX changed)"
         kandinsky-export engines "${engine_args[@]}"
-        ;;
-    onnxruntime)
-        [[ "${PRECISION}" == "mixed" ]] && { log "precision 'mixed' is for engines only"; exit 2; }
+    else
         repository_args+=(--precision "${PRECISION}")
         [[ "${KANDINSKY_ORT_TENSORRT:-0}" == "1" ]] && repository_args+=(--ort-tensorrt)
-        ;;
-    *)
-        log "KANDINSKY_FLAVOUR must be tensorrt or onnxruntime, not '${FLAVOUR}'"
-        exit 2
-        ;;
+    fi
+
+    # Seconds; ONNX Runtime's TensorRT engine cache lives next to it (model_repository.ort_trt_cache), kept.
+    log "writing the ${FLAVOUR} repository to ${REPOSITORY}"
+    kandinsky-repository "${repository_args[@]}"
+}
+
+# The python backend moves every tensor of its models through /dev/shm; Docker gives 64 MB unless told.
+check_shared_memory() {
+    local needed available
+    needed="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["shared_memory_bytes"])' \
+        "${REPOSITORY}/${RECORD}")"
+    available="$(( $(df -k --output=size /dev/shm | tail -n 1) << 10 ))"  # KiB to bytes
+    if (( available < needed )); then
+        fail "/dev/shm holds $(( available >> 20 )) MiB; this repository's python models may need" \
+            "$(( needed >> 20 )) MiB (four images at the largest size). Give the container more:" \
+            "docker run --shm-size=$(( (needed >> 30) + 1 ))g, or shm_size in compose (docker/compose.yaml)"
+    fi
+}
+
+serve() {
+    [[ -f "${REPOSITORY}/${RECORD}" ]] \
+        || fail "no model repository in ${REPOSITORY}: run the prepare step first (docker compose up runs it;" \
+            "or: docker run ... IMAGE-prepare prepare)"
+    check_shared_memory
+    # shellcheck disable=SC2086  # KANDINSKY_SERVE_ARGS is a list of arguments
+    exec kandinsky-serve \
+        --repository "${REPOSITORY}" \
+        --host 0.0.0.0 --health-host 0.0.0.0 \
+        --admin-key-file "${DATA}/admin.key" \
+        ${KANDINSKY_SERVE_ARGS:-} "$@"
+}
+
+mode="${1:-serve}"
+case "${mode}" in
+    prepare) prepare ;;
+    serve) shift $(( $# > 0 ? 1 : 0 )); serve "$@" ;;
+    *) exec "$@" ;;
 esac
-
-log "writing the ${FLAVOUR} repository to ${REPOSITORY}"
-kandinsky-repository "${repository_args[@]}"
-
-if [[ $# -gt 0 ]]; then
-    exec "$@"
-fi
-# shellcheck disable=SC2086  # KANDINSKY_SERVE_ARGS is a list of arguments
-exec kandinsky-serve \
-    --repository "${REPOSITORY}" \
-    --host 0.0.0.0 --health-host 0.0.0.0 \
-    --admin-key-file "${DATA}/admin.key" \
-    ${KANDINSKY_SERVE_ARGS:-}

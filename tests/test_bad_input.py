@@ -96,15 +96,26 @@ def test_server_rejects_a_batch_above_the_model_limit(grpc_client):
 
 
 class _ConfigOnlyTransport:
-    """Answers model_parameters like a server whose UNet is a TensorRT engine with `profile`."""
+    """Answers model_parameters like a server whose UNet is a TensorRT engine with `profile` (the
+    generator's flavour-neutral `image_sizes` parameter, made from it)."""
 
     def __init__(self, dims, profile):
+        from kandinsky_client.profiles import ProfileSettings, image_size_limits
+        from kandinsky_client.server_info import REPOSITORY_FORMAT
+
+        static = profile["static_size"]
+        settings = ProfileSettings(
+            min_size=profile["min_size"],
+            opt_size=profile["min_size"],
+            max_size=profile["max_size"],
+            static_size=tuple(static) if static else None,
+        )
         self.unet = {
+            "repository_format": REPOSITORY_FORMAT,
             "kandinsky_dims": dims.as_symbols(),
             "scheduler_config": {"_class_name": "DDPMScheduler"},
-            "max_image_size": "1024",
             "max_images_per_request": "4",
-            "tensorrt_profile": profile,
+            "image_sizes": image_size_limits(dims.size_multiple, 1024, settings),
         }
 
     def model_parameters(self, model):

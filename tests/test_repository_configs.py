@@ -14,7 +14,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-from kandinsky_client.components import COMPONENTS, SERVED_MODELS, ComponentSpec
+from kandinsky_client.components import COMPONENTS, DTYPES, SERVED_MODELS, ComponentSpec
+from kandinsky_client.profiles import has_spatial_axes
 from kandinsky_client.server_info import ServerInfo
 from kandinsky_client.wire import MODEL_NAME as GENERATION_MODEL
 from kandinsky_client.wire import input_specs
@@ -24,17 +25,16 @@ from kandinsky_repository.generate import (
     generate_repository,
     read_config,
 )
+from kandinsky_repository.generation_config import decoded_parameters
 from tritonclient.grpc import model_config_pb2 as mc
 
-_ONNX_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.BOOL: "bool",
-}
-FP16_COMPONENTS = ("unet", "movq_decoder")
+_ONNX_DTYPES = {d.onnx: d.name for d in DTYPES.values()}
+# Converted to FP16 here; each gets the precision its check measured (the tiny MoVQ decoder, fed the
+# latents of its own random UNet, may fall back to FP32: then the flavours must serve FP32 for it).
+FP16_COMPONENTS = ("unet", "movq_decoder", "prior")
 STATIC_COMPONENT, STATIC_SIZE = "movq_decoder", (768, 768)
+# The FP16 check's real run, small here to keep the tests fast (the default is the engines' optimum).
+CHECK_SIZE = (128, 128)
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def gpu_bundle(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     bundle = tmp_path_factory.mktemp("gpu") / "bundle"
     shutil.copytree(tiny_bundle[0], bundle)
-    convert_bundle(bundle, list(FP16_COMPONENTS))
+    convert_bundle(bundle, list(FP16_COMPONENTS), check_size=CHECK_SIZE)
     return bundle
 
 
-@pytest.fixture(scope="module")
-def engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy with placeholder engines: dynamic profiles, and one static component."""
+def _placeholder_engines(source: Path, bundle: Path, static: dict[str, tuple[int, int] | None]) -> Path:
+    """A copy of `source` with placeholder engines whose sidecars come from the real (pure Python)
+    profile and metadata code: `static` maps components to a static size (None: the dynamic profile)."""
     from kandinsky_export.tensorrt_engine import (
         ENGINE_DIR,
         ENGINE_FILE,
@@ -60,8 +60,7 @@ def engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
         record_engine,
     )
 
-    bundle = tmp_path_factory.mktemp("engines") / "bundle"
-    shutil.copytree(gpu_bundle, bundle)
+    shutil.copytree(source, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     common = {
         "precision": "default",
@@ -70,11 +69,10 @@ def engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "options": BuildOptions(),
         "digest": lambda path: "placeholder",
     }
-    dynamic = [c for c in manifest["components"] if c != STATIC_COMPONENT]
-    plans = plan_engines(bundle, dynamic, settings=ProfileSettings(), **common)
-    plans += plan_engines(
-        bundle, [STATIC_COMPONENT], settings=ProfileSettings(static_size=STATIC_SIZE), **common
-    )
+    plans = []
+    for component in manifest["components"]:
+        settings = ProfileSettings(static_size=static.get(component))
+        plans += plan_engines(bundle, [component], settings=settings, **common)
     for component, expected, _ in plans:
         spec = COMPONENTS[component]
         io = {t.name: _trt_dtype(t.dtype) for t in (*spec.inputs, *spec.outputs)}
@@ -85,8 +83,27 @@ def engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return bundle
 
 
+@pytest.fixture(scope="module")
+def engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy with placeholder engines: dynamic profiles, and one static component."""
+    return _placeholder_engines(
+        gpu_bundle, tmp_path_factory.mktemp("engines") / "bundle", {STATIC_COMPONENT: STATIC_SIZE}
+    )
+
+
+@pytest.fixture(scope="module")
+def static_engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every engine built for one image size (`kandinsky-export engines --static 768x768`)."""
+    manifest = json.loads((gpu_bundle / "manifest.json").read_text())
+    return _placeholder_engines(
+        gpu_bundle,
+        tmp_path_factory.mktemp("static-engines") / "bundle",
+        dict.fromkeys(manifest["components"], STATIC_SIZE),
+    )
+
+
 def _trt_dtype(dtype: str) -> str:
-    return {"float32": "FLOAT", "int64": "INT64", "bool": "BOOL"}[dtype]
+    return DTYPES[dtype].tensorrt
 
 
 def _generate(bundle: Path, out: Path, **options) -> Path:
@@ -219,6 +236,8 @@ def test_cpu_flavour_matches_the_onnx_graphs(repositories: dict, gpu_bundle: Pat
 def test_onnxruntime_flavour(repositories: dict, gpu_bundle: Path) -> None:
     repository = repositories["onnxruntime"]
     manifest = json.loads((gpu_bundle / "manifest.json").read_text())
+    served = {name: e.get("default_precision", "fp32") for name, e in manifest["components"].items()}
+    assert "fp16" in served.values(), served
     for name in _network_models(repository):
         spec = COMPONENTS[name]
         config = read_config(repository / name)
@@ -232,7 +251,8 @@ def test_onnxruntime_flavour(repositories: dict, gpu_bundle: Path) -> None:
         # the served file is the measured default precision: FP16 weights where a variant passed
         precision = manifest["components"][name].get("default_precision", "fp32")
         assert config.parameters["precision"].string_value == precision
-        assert precision == ("fp16" if name in FP16_COMPONENTS else "fp32")
+        if name not in FP16_COMPONENTS:
+            assert precision == "fp32", name
         weights = {t.data_type for t in onnx.load(str(served), load_external_data=False).graph.initializer}
         assert (onnx.TensorProto.FLOAT16 in weights) == (precision == "fp16"), name
 
@@ -296,7 +316,10 @@ def test_tensorrt_flavour_matches_engines_and_onnx(repositories: dict, engine_bu
         side = (settings["static_size"] or [settings["min_size"]])[0]  # the smallest size the engine takes
         _check_by_running(config, source, engine_bundle, batch=opt[0], size=side)
         _check_warmup(config, spec, {k: v["opt"] for k, v in profile.items()})
-        assert config.optimization.cuda.graphs == (name == STATIC_COMPONENT), name
+        # CUDA graphs wherever the batch is the engine's only dynamic axis
+        assert config.optimization.cuda.graphs == (name == STATIC_COMPONENT or not has_spatial_axes(spec)), (
+            name
+        )
 
     static = read_config(repository / STATIC_COMPONENT)
     scale = json.loads((engine_bundle / "manifest.json").read_text())["dims"]["movq_scale_factor"]
@@ -348,3 +371,151 @@ def test_engines_that_break_the_contract_are_refused(
     sidecar.write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match=message):
         generate_repository(bundle, tmp_path / "repo", RepositoryOptions(flavour="tensorrt"))
+
+
+def _json_config(config: mc.ModelConfig) -> dict:
+    """The config as Triton hands it to a backend: JSON with every primitive field, empty lists included."""
+    from google.protobuf import json_format
+
+    try:
+        text = json_format.MessageToJson(
+            config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    except TypeError:  # protobuf < 5.26
+        text = json_format.MessageToJson(
+            config, preserving_proto_field_name=True, including_default_value_fields=True
+        )
+    return json.loads(text)
+
+
+def test_cuda_graphs_for_every_batch_the_traffic_has(static_engine_bundle: Path, tmp_path: Path) -> None:
+    """Issue 10, point 3: with static engines, a graph per batch guidance sends (UNet 2, 4, 6, 8; prior
+    2 .. 16; one row per image for the MoVQ), each giving every input's per-item shape; the dynamic
+    batcher prefers exactly those batches. Without graph_spec, Triton r25.01 captured only batch 1 and
+    max_batch_size (at the profile's optimum) and runs a graph on an exact batch match only."""
+    repository = _generate(static_engine_bundle, tmp_path / "repo", flavour="tensorrt")
+    for name in _network_models(repository):
+        spec = COMPONENTS[name]
+        config = read_config(repository / name)
+        cuda = config.optimization.cuda
+        assert cuda.graphs, name
+        assert [g.batch_size for g in cuda.graph_spec] == list(spec.batch_sizes()), name
+        assert all(1 <= g.batch_size <= config.max_batch_size for g in cuda.graph_spec)  # Triton's check
+        for graph in cuda.graph_spec:
+            assert set(graph.input) == {t.name for t in spec.inputs}, name  # every engine input, or no graph
+            for message in config.input:
+                per_item = list(graph.input[message.name].dim)
+                # the engine's per-item shape: the config's dims, but a per-item scalar is [] (not [1])
+                assert per_item == ([] if message.HasField("reshape") else list(message.dims)), (
+                    name,
+                    message.name,
+                )
+        if spec.called_per_step:
+            assert list(config.dynamic_batching.preferred_batch_size) == list(spec.batch_sizes()), name
+        else:
+            assert not config.HasField("dynamic_batching"), name
+    unet = read_config(repository / "unet")
+    assert [g.batch_size for g in unet.optimization.cuda.graph_spec] == [2, 4, 6, 8]
+    prior = read_config(repository / "prior")
+    assert [g.batch_size for g in prior.optimization.cuda.graph_spec] == list(range(2, 17, 2))
+    # the backend reads `dim` as a list, also when it is empty (a per-item scalar)
+    timestep = _json_config(unet)["optimization"]["cuda"]["graph_spec"][0]["input"]["timestep"]
+    assert timestep == {"dim": []}
+
+    plain = read_config(
+        _generate(static_engine_bundle, tmp_path / "plain", flavour="tensorrt", cuda_graphs=False) / "unet"
+    )
+    assert not plain.optimization.cuda.graphs and not plain.optimization.cuda.graph_spec
+    assert not plain.dynamic_batching.preferred_batch_size
+
+
+def _server_info(repository: Path) -> ServerInfo:
+    """What a client of this repository reads (the unet/prior/unet_inpaint config parameters)."""
+    parameters = {
+        name: decoded_parameters(read_config(repository / name)) if (repository / name).is_dir() else None
+        for name in ("unet", "prior", "unet_inpaint")
+    }
+    return ServerInfo.from_parameters(parameters)
+
+
+def test_every_flavour_publishes_the_sizes_it_serves(
+    repositories: dict, gpu_bundle: Path, static_engine_bundle: Path, tmp_path: Path
+) -> None:
+    """Issue 10, point 7: one flavour-neutral `image_sizes` parameter from every flavour, read by the
+    client. ONNX Runtime with its TensorRT accelerator builds a 512 .. max profile and did not say so:
+    the client accepted 64 px and the engines refused it with an opaque error."""
+    cpu = _server_info(repositories["cpu"])
+    assert (cpu.min_image_size, cpu.max_image_size, cpu.static_size) == (cpu.dims.size_multiple, 1024, None)
+    plain_ort = _server_info(_generate(gpu_bundle, tmp_path / "ort", flavour="onnxruntime"))
+    assert (plain_ort.min_image_size, plain_ort.max_image_size) == (plain_ort.dims.size_multiple, 1024)
+    ort_trt = _server_info(repositories["onnxruntime"])  # with the TensorRT accelerator
+    assert (ort_trt.min_image_size, ort_trt.max_image_size, ort_trt.static_size) == (512, 1024, None)
+    small = _server_info(
+        _generate(
+            gpu_bundle, tmp_path / "ort640", flavour="onnxruntime", ort_tensorrt=True, max_image_size=640
+        )
+    )
+    assert (small.min_image_size, small.max_image_size) == (512, 640)
+    dynamic = _server_info(repositories["tensorrt"])  # one static engine (the MoVQ decoder) decides
+    assert dynamic.static_size == STATIC_SIZE
+    static = _server_info(_generate(static_engine_bundle, tmp_path / "trt", flavour="tensorrt"))
+    assert static.static_size == STATIC_SIZE
+    # one parameter for every flavour: the old flavour-specific ones are gone
+    for repository in repositories.values():
+        assert "max_image_size" not in decoded_parameters(read_config(repository / "unet"))
+
+
+def test_a_repository_of_another_format_is_refused_by_the_client(repositories: dict) -> None:
+    from kandinsky_client.server_info import REPOSITORY_FORMAT, IncompatibleServer
+
+    parameters = {
+        name: decoded_parameters(read_config(repositories["cpu"] / name)) for name in ("unet", "prior")
+    }
+    assert parameters["unet"]["repository_format"] == REPOSITORY_FORMAT
+    assert ServerInfo.from_parameters(parameters).max_images_per_request == 4
+    for found, said in (
+        (REPOSITORY_FORMAT + 1, f"format {REPOSITORY_FORMAT + 1}"),
+        (None, "no format version"),
+    ):
+        unet = {k: v for k, v in parameters["unet"].items() if k != "repository_format"}
+        if found is not None:
+            unet["repository_format"] = found
+        with pytest.raises(IncompatibleServer, match=said) as error:
+            ServerInfo.from_parameters({**parameters, "unet": unet})
+        assert "kandinsky-repository" in str(error.value) and not error.value.retryable
+
+
+def test_the_ort_tensorrt_cache_lives_outside_the_regenerated_repository(
+    gpu_bundle: Path, tmp_path: Path
+) -> None:
+    """Issue 10, point 6: the repository is deleted and written again on every container start; an engine
+    cache inside it made ONNX Runtime rebuild every TensorRT engine on every restart."""
+    repository = tmp_path / "data" / "model_repository"
+    _generate(gpu_bundle, repository, flavour="onnxruntime", ort_tensorrt=True)
+    accelerator = read_config(
+        repository / "unet"
+    ).optimization.execution_accelerators.gpu_execution_accelerator[0]
+    cache = Path(accelerator.parameters["trt_engine_cache_path"])
+    assert (
+        repository.resolve() not in cache.parents
+        and cache.parent == repository.resolve().parent / "model_repository.ort_trt_cache"
+    )
+    cache.mkdir(parents=True)
+    (cache / "engine.bin").write_bytes(b"built once")
+    _generate(gpu_bundle, repository, flavour="onnxruntime", ort_tensorrt=True)  # the next start
+    assert (cache / "engine.bin").read_bytes() == b"built once"
+
+
+def test_the_repository_records_its_format_and_the_shared_memory_it_needs(repositories: dict) -> None:
+    from kandinsky_repository.generate import REPOSITORY_RECORD
+
+    for flavour, repository in repositories.items():
+        record = json.loads((repository / REPOSITORY_RECORD).read_text())
+        assert record["flavour"] == flavour and record["repository_format"] >= 2
+        # four 1024 x 1024 images through the python backend: far beyond Docker's default 64 MB /dev/shm
+        assert record["shared_memory_bytes"] > 4 * 1024 * 1024 * 3 * 4, flavour
+
+
+def test_a_max_image_size_off_the_checkpoint_grid_is_refused(gpu_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a positive multiple of 64"):
+        _generate(gpu_bundle, tmp_path / "repo", max_image_size=1000)

@@ -10,19 +10,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-from kandinsky_client.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, ModelDims
+from kandinsky_client.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, SERVED_MODELS, ModelDims
+from kandinsky_client.profiles import (
+    ProfileSettings,
+    engine_profile,
+    is_spatially_static,
+    profile_shapes_option,
+)
 from kandinsky_export.tensorrt_engine import (
     ENGINE_DIR,
     ENGINE_FILE,
     METADATA_FILE,
     BuildOptions,
-    ProfileSettings,
-    batch_per_image,
     choose_source,
-    engine_profile,
-    is_spatially_static,
     plan_engines,
-    profile_shapes_option,
     rebuild_reason,
     record_engine,
 )
@@ -44,6 +45,43 @@ def bundle(tiny_bundle, tmp_path: Path) -> Path:
     return target
 
 
+# Issue 10, point 4: rows per image, declared per model (the most rows one image costs it, and the group
+# its rows come in); no request sends the image models more than one row per image.
+ROWS_PER_IMAGE = {
+    "text_encoder": (4, 2),  # [uncond, cond] x (prompt, negative prompt)
+    "prior": (4, 2),
+    "unet": (2, 2),  # [uncond, cond]
+    "unet_inpaint": (2, 2),
+    "image_encoder": (1, 1),
+    "movq_encoder": (1, 1),
+    "movq_decoder": (1, 1),
+    "tokenizer": (4, 2),
+    "encode_prompt": (4, 2),
+    "prior_postprocess": (2, 1),  # the prior's latents: prompt and negative-prompt runs
+    "postprocess_image": (1, 1),
+    "preprocess_clip_image": (1, 1),
+    "preprocess_movq_image": (1, 1),
+    "decode_image": (1, 1),
+    "encode_image": (1, 1),
+    "encode_latents": (1, 1),
+}
+
+
+def test_rows_per_image_are_declared_and_derive_the_batch_limits() -> None:
+    models = {**COMPONENTS, **SERVED_MODELS}
+    assert set(models) == set(ROWS_PER_IMAGE)
+    for name, (rows, group) in ROWS_PER_IMAGE.items():
+        spec = models[name]
+        assert (spec.rows_per_image, spec.row_group) == (rows, group), name
+        assert spec.max_batch_size == rows * MAX_IMAGES_PER_REQUEST, name
+        assert spec.batch_sizes() == tuple(range(group, spec.max_batch_size + 1, group)), name
+    assert COMPONENTS["unet"].batch_sizes() == (2, 4, 6, 8)
+    assert COMPONENTS["prior"].batch_sizes() == (2, 4, 6, 8, 10, 12, 14, 16)
+    assert COMPONENTS["movq_decoder"].batch_sizes() == (1, 2, 3, 4)
+    for spec in SERVED_MODELS.values():  # an ensemble takes no larger batch than each of its steps
+        assert all(spec.max_batch_size <= models[step].max_batch_size for step in spec.steps), spec.name
+
+
 def test_batch_ranges_follow_the_registry(dims: ModelDims) -> None:
     settings = ProfileSettings()
     for name, spec in COMPONENTS.items():
@@ -51,11 +89,13 @@ def test_batch_ranges_follow_the_registry(dims: ModelDims) -> None:
         assert set(profile) == {t.name for t in spec.inputs}, name
         for shapes in profile.values():
             assert shapes["min"][0] == 1, name  # Triton's dynamic batcher may send any batch size
-            assert shapes["opt"][0] == batch_per_image(spec), name
+            assert shapes["opt"][0] == spec.rows_per_image, name  # one image, tuned and warmed up
             assert shapes["max"][0] == spec.max_batch_size, name
-    # classifier-free guidance doubles the UNet's batch; the prior sees four rows per image
-    assert batch_per_image(COMPONENTS["unet"]) * MAX_IMAGES_PER_REQUEST == COMPONENTS["unet"].max_batch_size
-    assert batch_per_image(COMPONENTS["unet"]) == 2
+    # the MoVQ decoder decodes one image at batch 1 and at most MAX_IMAGES_PER_REQUEST images
+    decoder = engine_profile(COMPONENTS["movq_decoder"], dims, settings)["latents"]
+    assert [decoder[k][0] for k in ("min", "opt", "max")] == [1, 1, MAX_IMAGES_PER_REQUEST]
+    unet = engine_profile(COMPONENTS["unet"], dims, settings)["sample"]
+    assert [unet[k][0] for k in ("min", "opt", "max")] == [1, 2, 2 * MAX_IMAGES_PER_REQUEST]
 
 
 def test_spatial_ranges_in_pixels_and_latents(dims: ModelDims) -> None:
@@ -99,6 +139,35 @@ def test_static_profile_fixes_space_not_batch(dims: ModelDims) -> None:
 def test_invalid_settings_are_refused(dims: ModelDims, settings: ProfileSettings) -> None:
     with pytest.raises(ValueError):
         engine_profile(COMPONENTS["unet"], dims, settings)
+
+
+@pytest.mark.parametrize(
+    ("max_size", "expected"),
+    [(1024, (512, 768, 1024)), (768, (512, 768, 768)), (640, (512, 640, 640)), (256, (256, 256, 256))],
+)
+def test_profiles_follow_a_smaller_max_size(dims: ModelDims, max_size: int, expected: tuple) -> None:
+    """Issue 10, point 6: a max image size below 768 (or 512) made an invalid profile and crashed the
+    engine build (and, under `restart: unless-stopped`, looped). The minimum and optimum now follow it."""
+    settings = ProfileSettings.for_max_size(max_size)
+    assert (settings.min_size, settings.opt_size, settings.max_size) == expected
+    profile = engine_profile(COMPONENTS["unet"], dims, settings)["sample"]
+    assert profile["max"][-1] == max_size // dims.movq_scale_factor
+
+
+def test_engines_cli_takes_a_small_max_size_and_refuses_an_invalid_one(
+    bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kandinsky_export.cli import main
+
+    argv = ["engines", "--bundle", str(bundle), "--components", "unet", "--dry-run"]
+    assert main([*argv, "--max-size", "640"]) == 0
+    assert "max [8, 4, 80, 80]" in capsys.readouterr().out
+    assert main([*argv, "--max-size", "600"]) == 2  # a clear refusal, not a traceback
+    assert "image side 600 is not a positive multiple of 64" in capsys.readouterr().err
+    assert main(["profile", "--max-size", "640"]) == 0
+    assert json.loads(capsys.readouterr().out)["opt_size"] == 640
+    assert main(["profile", "--max-size", "1000"]) == 2
+    assert "1000" in capsys.readouterr().err
 
 
 def test_choose_source() -> None:
@@ -180,7 +249,7 @@ def test_engines_cli_dry_run(bundle: Path, dims: ModelDims, capsys: pytest.Captu
     assert "unet: fp32 from model.onnx; no engine" in out
     side, channels = 768 // dims.movq_scale_factor, dims.latent_channels
     top = COMPONENTS["unet"].max_batch_size
-    assert f"min [1, {channels}, {side}, {side}] opt [2, {channels}, {side}, {side}]" in out
+    assert f"min [1, {channels}, {side}, {side}] opt [2, {channels}, {side}, {side}]" in out  # one image
     assert f"max [{top}, {channels}, {side}, {side}]" in out
 
 
@@ -193,3 +262,27 @@ def test_engines_without_tensorrt_say_so(bundle: Path, capsys: pytest.CaptureFix
         pytest.skip("tensorrt is installed here: tests/test_tensorrt_build.py covers the build")
     assert main(["engines", "--bundle", str(bundle), "--components", "unet"]) == 2
     assert "tensorrt package is not installed" in capsys.readouterr().err
+
+
+def test_a_current_engine_is_recorded_again_after_a_re_export(bundle: Path, monkeypatch) -> None:
+    """A re-export drops the manifest's engine records; an engine that is still current (same source
+    digest, TensorRT, GPU, profile) is kept, not rebuilt, and the manifest points at it again."""
+    import kandinsky_export.tensorrt_engine as engines
+
+    expected, _ = _plan(bundle)["unet"]
+    _install_fake_engine(bundle, "unet", {**expected, "io_dtypes": {"sample": "FLOAT"}})
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["components"]["unet"]["tensorrt"]  # what a re-export leaves
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    monkeypatch.setattr(engines, "tensorrt_version", lambda: "10.8.0.43")
+    monkeypatch.setattr(engines, "gpu_identity", lambda: GPU)
+    monkeypatch.setattr(engines.layout, "onnx_digest", _fake_digest)
+    monkeypatch.setattr(engines, "build_engine", lambda *a, **k: pytest.fail("a current engine was rebuilt"))
+    (result,) = engines.build_engines(bundle, ["unet"])
+    assert result.action == "up to date"
+    entry = json.loads((bundle / "manifest.json").read_text())["components"]["unet"]
+    assert entry["tensorrt"]["engine"] == f"{ENGINE_DIR}/{ENGINE_FILE}"
+    assert json.loads((bundle / "unet" / ENGINE_DIR / METADATA_FILE).read_text())["io_dtypes"] == {
+        "sample": "FLOAT"
+    }

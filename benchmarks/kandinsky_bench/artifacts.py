@@ -6,7 +6,7 @@ Layout under the artifacts folder (default `artifacts/<preset>/`, git-ignored):
     onnx/               the export bundle (kandinsky-export onnx)
     model_repository/   the Triton repository (kandinsky-repository), for this run's options
     preset.json         the preset's settings the checkpoint was written from
-    repository.json     the options the repository was generated with
+    repository.json     the options (and repository format) the repository was generated with
 
 A stamp that disagrees with what is asked for (the preset changed, other repository options) rebuilds the
 stale stage and everything after it; a missing stamp trusts what is there (built by the CLIs by hand).
@@ -22,6 +22,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kandinsky_client.server_info import REPOSITORY_FORMAT
 
 if TYPE_CHECKING:
     from kandinsky_repository.generate import RepositoryOptions
@@ -125,7 +127,9 @@ def ensure_artifacts(
     repository = folder / "model_repository"
     if repository_options is None:  # measuring a server started elsewhere
         return Artifacts(checkpoint_root, bundle, repository, built)
-    options = _normalised(asdict(repository_options))
+    # The repository format is part of the stamp: a repository written by an older generator is refused by
+    # this release's models and client, so it is regenerated even when the options are the same.
+    options = _normalised({**asdict(repository_options), "repository_format": REPOSITORY_FORMAT})
     stamp = folder / "repository.json"
     if stale or _read_stamp(stamp) != options or not (repository / "unet" / "config.pbtxt").is_file():
         start = time.perf_counter()

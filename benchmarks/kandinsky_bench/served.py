@@ -280,6 +280,7 @@ def summarize_level(
         "wall_s": wall_s,
         "images_per_s": count * request.num_images_per_prompt / wall_s,
         "latency": summarize([r["latency"] for r in records]),
+        "samples_s": [r["latency"] for r in records],  # in the order they ran (pairs at concurrency 1)
         "generation_total": summarize([r["total"] for r in records]),
         "stages": stages,
         "server_s": server,
@@ -507,6 +508,7 @@ def _rtt_setting(
                 "concurrency": 1,
                 "requests": len(runs),
                 "latency": summarize([r["latency"] for r in runs]),
+                "samples_s": [r["latency"] for r in runs],  # round i of each loop ran back to back
                 "images_per_s": len(runs) * request.num_images_per_prompt / sum(r["latency"] for r in runs),
                 "stages": {stage: summarize([r[stage] for r in runs]) for stage in STAGES},
             }

@@ -20,9 +20,14 @@ import numpy as np
 BATCH = "batch"
 DYNAMIC_SYMBOLS = frozenset({BATCH, "height", "width", "latent_height", "latent_width"})
 
-# How many images one request may ask for. The batch a model sees follows from it: the prior and text
-# encoder run [prompts, negative prompts] x [uncond, cond]; the UNet runs [uncond, cond].
+# How many images one request may ask for. The batch a model sees follows from it and from the model's
+# `rows_per_image`: the prior and text encoder run [prompts, negative prompts] x [uncond, cond]; the UNet
+# runs [uncond, cond]; everything else one row per image.
 MAX_IMAGES_PER_REQUEST = 4
+
+# The largest image side served unless `kandinsky-repository --max-image-size` (or the engines' profile)
+# says otherwise. Read by the repository generator, the engine profiles and the python models.
+MAX_IMAGE_SIZE = 1024
 
 # A prompt's length in UTF-8 bytes, checked before tokenizing: CLIP keeps 77 tokens of it anyway, and an
 # unbounded prompt ties up the tokenizer (1 MB prompts took seconds and hundreds of MB each).
@@ -70,6 +75,30 @@ class ModelDims:
 
 
 @dataclass(frozen=True)
+class DType:
+    """One tensor dtype of the registry, as every runtime spells it (the only dtype table)."""
+
+    name: str  # the registry's (numpy's) name: float32, float16, int64, int32, bool, uint8, bytes
+    triton: str  # Triton's ModelConfig DataType name
+    tensorrt: str  # TensorRT's DataType name, as an engine reports its I/O
+    onnx: int  # ONNX TensorProto.DataType value
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("float32", "TYPE_FP32", "FLOAT", 1),
+        DType("float16", "TYPE_FP16", "HALF", 10),
+        DType("int64", "TYPE_INT64", "INT64", 7),
+        DType("int32", "TYPE_INT32", "INT32", 6),
+        DType("bool", "TYPE_BOOL", "BOOL", 9),
+        DType("uint8", "TYPE_UINT8", "UINT8", 2),
+        DType("bytes", "TYPE_STRING", "", 8),
+    )
+}
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: float32, float16, int64, bool, uint8, or "bytes" for strings
@@ -95,13 +124,35 @@ class TensorSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """A served Triton model: its tensors and how large a batch it takes."""
+    """A served Triton model: its tensors and how many batch rows one image costs it.
+
+    `rows_per_image` is the most rows one image of a request puts in this model's batch (the prior and
+    text encoder: 2 for [uncond, cond] x 2 with a negative prompt; the UNets 2; everything else 1);
+    `row_group` is how rows arrive together (2: [uncond, cond] pairs under classifier-free guidance).
+    Batch limits, engine profiles, CUDA-graph batch sizes, preferred batch sizes and warm-up requests
+    are derived from these two numbers, never written elsewhere.
+    """
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    max_batch_size: int
+    rows_per_image: int
+    row_group: int = 1
     description: str = ""
+
+    @property
+    def max_batch_size(self) -> int:
+        """The largest batch a request (or the dynamic batcher) sends: every image at its most rows."""
+        return self.rows_per_image * MAX_IMAGES_PER_REQUEST
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Every batch the traffic has: multiples of `row_group` up to `max_batch_size`.
+
+        Requests arrive in groups of `row_group` rows (guidance pairs), and the dynamic batcher sums
+        whole requests, so these are the batches worth a CUDA graph (without guidance, a request of
+        one row per image runs too, without a graph).
+        """
+        return tuple(range(self.row_group, self.max_batch_size + 1, self.row_group))
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -123,8 +174,13 @@ def _latent(name: str, channels: str) -> TensorSpec:
     return TensorSpec(name, "float32", (BATCH, channels, "latent_height", "latent_width"))
 
 
-_IMAGES_CFG = 2 * MAX_IMAGES_PER_REQUEST
-_PROMPTS_CFG = 4 * MAX_IMAGES_PER_REQUEST
+# Rows per image: [uncond, cond] pairs (classifier-free guidance), and two prompt runs per image when a
+# negative prompt is given (the prior also runs on the negative prompts).
+_GUIDED = {"rows_per_image": 2, "row_group": 2}
+_GUIDED_WITH_NEGATIVE = {"rows_per_image": 4, "row_group": 2}
+_ONE_ROW = {"rows_per_image": 1}
+# The prior's latents after its loop: one row per image, two with a negative prompt (no guidance pairs).
+_PRIOR_OUTPUT = {"rows_per_image": 2}
 
 TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
@@ -135,7 +191,7 @@ TEXT_ENCODER = ComponentSpec(
         TensorSpec("text_embeds", "float32", (BATCH, "text_embed")),
         TensorSpec("last_hidden_state", "float32", (BATCH, "text_seq_len", "text_hidden")),
     ),
-    max_batch_size=_PROMPTS_CFG,
+    **_GUIDED_WITH_NEGATIVE,
 )
 
 IMAGE_ENCODER = ComponentSpec(
@@ -144,7 +200,7 @@ IMAGE_ENCODER = ComponentSpec(
     description="CLIP vision encoder with projection: normalised pixels -> image embedding.",
     inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, "image_size", "image_size")),),
     outputs=(TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),),
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
 )
 
 PRIOR = ComponentSpec(
@@ -159,7 +215,7 @@ PRIOR = ComponentSpec(
         TensorSpec("attention_mask", "bool", (BATCH, "text_seq_len")),
     ),
     outputs=(TensorSpec("predicted_image_embedding", "float32", (BATCH, "embed_dim")),),
-    max_batch_size=_PROMPTS_CFG,
+    **_GUIDED_WITH_NEGATIVE,
     called_per_step=True,
 )
 
@@ -173,7 +229,7 @@ UNET = ComponentSpec(
         TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
     ),
     outputs=(_latent("noise_pred", "unet_out_channels"),),
-    max_batch_size=_IMAGES_CFG,
+    **_GUIDED,
     called_per_step=True,
 )
 
@@ -187,7 +243,7 @@ UNET_INPAINT = ComponentSpec(
         TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
     ),
     outputs=(_latent("noise_pred", "unet_out_channels"),),
-    max_batch_size=_IMAGES_CFG,
+    **_GUIDED,
     called_per_step=True,
     optional=True,
 )
@@ -198,7 +254,7 @@ MOVQ_ENCODER = ComponentSpec(
     description="MoVQ encoder: image in [-1, 1] -> latents (not quantised, no scaling factor).",
     inputs=(TensorSpec("image", "float32", (BATCH, 3, "height", "width")),),
     outputs=(_latent("latents", "latent_channels"),),
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
 )
 
 MOVQ_DECODER = ComponentSpec(
@@ -207,7 +263,7 @@ MOVQ_DECODER = ComponentSpec(
     description="MoVQ decoder with force_not_quantize=True: latents -> image in [-1, 1].",
     inputs=(_latent("latents", "latent_channels"),),
     outputs=(TensorSpec("image", "float32", (BATCH, 3, "height", "width")),),
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
 )
 
 COMPONENTS: dict[str, ComponentSpec] = {
@@ -230,7 +286,7 @@ TOKENIZER = ServedModelSpec(
         TensorSpec("input_ids", "int64", (BATCH, "text_seq_len")),
         TensorSpec("attention_mask", "bool", (BATCH, "text_seq_len")),
     ),
-    max_batch_size=_PROMPTS_CFG,
+    **_GUIDED_WITH_NEGATIVE,
 )
 
 PRIOR_POSTPROCESS = ServedModelSpec(
@@ -244,7 +300,7 @@ PRIOR_POSTPROCESS = ServedModelSpec(
         TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
         TensorSpec("zero_image_embeds", "float32", (BATCH, "embed_dim")),
     ),
-    max_batch_size=_PROMPTS_CFG,
+    **_PRIOR_OUTPUT,
 )
 
 POSTPROCESS_IMAGE = ServedModelSpec(
@@ -252,7 +308,7 @@ POSTPROCESS_IMAGE = ServedModelSpec(
     description="[-1, 1] NCHW float -> uint8 NHWC RGB, rounded as diffusers' numpy_to_pil does.",
     inputs=(TensorSpec("image", "float32", (BATCH, 3, "height", "width")),),
     outputs=(TensorSpec("image_rgb", "uint8", (BATCH, "height", "width", 3)),),
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
 )
 
 ENCODE_PROMPT = ServedModelSpec(
@@ -260,7 +316,7 @@ ENCODE_PROMPT = ServedModelSpec(
     description="Ensemble: prompt strings -> tokenizer -> text encoder.",
     inputs=TOKENIZER.inputs,
     outputs=(*TEXT_ENCODER.outputs, TOKENIZER.output("attention_mask")),
-    max_batch_size=_PROMPTS_CFG,
+    **_GUIDED_WITH_NEGATIVE,
     steps=("tokenizer", "text_encoder"),
 )
 
@@ -269,7 +325,7 @@ DECODE_IMAGE = ServedModelSpec(
     description="Ensemble: latents -> MoVQ decoder -> uint8 RGB.",
     inputs=MOVQ_DECODER.inputs,
     outputs=POSTPROCESS_IMAGE.outputs,
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
     steps=("movq_decoder", "postprocess_image"),
 )
 
@@ -284,7 +340,7 @@ PREPROCESS_CLIP_IMAGE = ServedModelSpec(
     ),
     inputs=(_IMAGE_RGB,),
     outputs=IMAGE_ENCODER.inputs,
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
 )
 
 PREPROCESS_MOVQ_IMAGE = ServedModelSpec(
@@ -295,7 +351,7 @@ PREPROCESS_MOVQ_IMAGE = ServedModelSpec(
     ),
     inputs=(_IMAGE_RGB,),
     outputs=MOVQ_ENCODER.inputs,
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
 )
 
 ENCODE_IMAGE = ServedModelSpec(
@@ -303,7 +359,7 @@ ENCODE_IMAGE = ServedModelSpec(
     description="Ensemble: uint8 RGB -> CLIP pre-processing -> image encoder -> image embedding.",
     inputs=PREPROCESS_CLIP_IMAGE.inputs,
     outputs=IMAGE_ENCODER.outputs,
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
     steps=("preprocess_clip_image", "image_encoder"),
 )
 
@@ -312,7 +368,7 @@ ENCODE_LATENTS = ServedModelSpec(
     description="Ensemble: uint8 RGB -> [-1, 1] -> MoVQ encoder -> latents (img2img and inpainting).",
     inputs=PREPROCESS_MOVQ_IMAGE.inputs,
     outputs=MOVQ_ENCODER.outputs,
-    max_batch_size=_IMAGES_CFG,
+    **_ONE_ROW,
     steps=("preprocess_movq_image", "movq_encoder"),
 )
 

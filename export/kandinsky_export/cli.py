@@ -7,20 +7,25 @@
     kandinsky-export fp16 --bundle artifacts/released/onnx
     kandinsky-export engines --bundle artifacts/released/onnx            # needs TensorRT and a GPU
     kandinsky-export engines --bundle artifacts/released/onnx --static 768x768
+    kandinsky-export profile --max-size 640                               # check sizes, print the profile
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
+from kandinsky_client.components import MAX_IMAGE_SIZE
+from kandinsky_client.profiles import PROFILE_SIZE_STEP, ProfileSettings
+
+from .bundle import TIMING_CACHE
 from .checkpoint import Checkpoint
 from .fp16 import FP16_TOLERANCE, FUSION_SETS
 from .presets import PRESETS, write_preset_checkpoint
-from .tensorrt_engine import PRECISIONS, TIMING_CACHE, ProfileSettings
+from .tensorrt_engine import PRECISIONS
 
 
 def _checkpoint_from_args(args: argparse.Namespace) -> Checkpoint:
@@ -75,7 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         default=["CPUExecutionProvider"],
         help="ONNX Runtime providers the FP16 graph is checked on (cuda fusions need CUDAExecutionProvider)",
     )
-    half.add_argument("--check-size", type=_size, help="HEIGHTxWIDTH of the check (default: the export's)")
+    half.add_argument(
+        "--check-size",
+        type=_size,
+        help="HEIGHTxWIDTH of the check's real run (default: the engines' optimum for --max-size)",
+    )
+    half.add_argument(
+        "--max-size",
+        type=int,
+        default=MAX_IMAGE_SIZE,
+        help="largest image side served: normalisation statistics are judged at this size",
+    )
     half.add_argument("--tolerance", type=float, default=FP16_TOLERANCE, help="max error / output scale")
     half.add_argument("--force", action="store_true", help="convert even if the variant is current")
     half.add_argument("--strict", action="store_true", help="exit 1 when a component falls back to FP32")
@@ -90,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the bundle's measured choice per component; fp16: the FP16 ONNX, strongly typed; "
         "fp32: FP32 ONNX (TF32); mixed: FP32 ONNX with TensorRT's FP16 flag",
     )
-    defaults = ProfileSettings()
-    eng.add_argument("--min-size", type=int, default=defaults.min_size, help="smallest image side (px)")
-    eng.add_argument("--opt-size", type=int, default=defaults.opt_size, help="image side tuned for (px)")
-    eng.add_argument("--max-size", type=int, default=defaults.max_size, help="largest image side (px)")
-    eng.add_argument("--size-step", type=int, default=defaults.size_step, help="image side step (px)")
-    eng.add_argument("--static", type=_size, help="HEIGHTxWIDTH: engines for this one size (CUDA graphs)")
+    _profile_arguments(eng)
     eng.add_argument("--timing-cache", type=Path, help=f"default: <bundle>/{TIMING_CACHE}")
     eng.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level (0-5)")
     eng.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit (default: TensorRT's)")
@@ -104,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="print profiles and rebuild decisions; build nothing"
     )
 
+    prof = sub.add_parser(
+        "profile", help="check image-size settings and print the engine profile they make (no bundle needed)"
+    )
+    _profile_arguments(prof)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    warnings.filterwarnings("ignore", module=r"torch\..*")
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # No process-wide warning filters: the exporter silences the tracer's warnings where it traces.
 
     if args.command == "checkpoint":
         write_preset_checkpoint(PRESETS[args.preset], args.output, seed=args.seed)
@@ -122,7 +136,37 @@ def main(argv: list[str] | None = None) -> int:
         return _fp16(args)
     elif args.command == "engines":
         return _engines(args)
+    elif args.command == "profile":
+        try:
+            settings = _profile_settings(args)
+            settings.validate()
+        except ValueError as error:
+            print(f"kandinsky-export profile: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(settings.as_dict()))
     return 0
+
+
+def _profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-size", type=int, default=MAX_IMAGE_SIZE, help="largest image side (px)")
+    parser.add_argument(
+        "--min-size", type=int, help="smallest image side (px; default: 512, or --max-size when smaller)"
+    )
+    parser.add_argument(
+        "--opt-size", type=int, help="image side tuned for (px; default: 768, or --max-size when smaller)"
+    )
+    parser.add_argument("--size-step", type=int, default=PROFILE_SIZE_STEP, help="image side step (px)")
+    parser.add_argument("--static", type=_size, help="HEIGHTxWIDTH: engines for this one size")
+
+
+def _profile_settings(args: argparse.Namespace) -> ProfileSettings:
+    return ProfileSettings.for_max_size(
+        args.max_size,
+        min_size=args.min_size,
+        opt_size=args.opt_size,
+        size_step=args.size_step,
+        static_size=args.static,
+    )
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -144,6 +188,7 @@ def _fp16(args: argparse.Namespace) -> int:
         op_block_list=args.keep_fp32,
         providers=args.providers,
         check_size=args.check_size,
+        max_size=args.max_size,
         tolerance=args.tolerance,
         force=args.force,
     )
@@ -157,15 +202,14 @@ def _fp16(args: argparse.Namespace) -> int:
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from .tensorrt_engine import BuildOptions, ProfileSettings, build_engines, plan_engines
+    from .tensorrt_engine import BuildOptions, build_engines, plan_engines
 
-    settings = ProfileSettings(
-        min_size=args.min_size,
-        opt_size=args.opt_size,
-        max_size=args.max_size,
-        size_step=args.size_step,
-        static_size=args.static,
-    )
+    try:
+        settings = _profile_settings(args)
+        settings.validate()
+    except ValueError as error:
+        print(f"kandinsky-export engines: {error}", file=sys.stderr)
+        return 2
     options = BuildOptions(
         builder_optimization_level=args.opt_level,
         workspace_gib=args.workspace_gib,
@@ -182,15 +226,19 @@ def _engines(args: argparse.Namespace) -> int:
             gpu = gpu_identity()
         except RuntimeError:
             gpu = {"name": "none", "compute_capability": "none"}
-        plans = plan_engines(
-            args.bundle,
-            args.components,
-            settings=settings,
-            precision=args.precision,
-            trt_version=version,
-            gpu=gpu,
-            options=options,
-        )
+        try:
+            plans = plan_engines(
+                args.bundle,
+                args.components,
+                settings=settings,
+                precision=args.precision,
+                trt_version=version,
+                gpu=gpu,
+                options=options,
+            )
+        except (RuntimeError, ValueError, FileNotFoundError) as error:
+            print(f"kandinsky-export engines: {error}", file=sys.stderr)
+            return 2
         for component, expected, reason in plans:
             source = expected["source"]
             print(f"{component}: {source['precision']} from {source['path']}; {reason or 'up to date'}")
@@ -206,7 +254,7 @@ def _engines(args: argparse.Namespace) -> int:
             options=options,
             force=args.force,
         )
-    except RuntimeError as error:  # no TensorRT, no GPU, a failed parse or build: say which
+    except (RuntimeError, ValueError, FileNotFoundError) as error:  # no TensorRT/GPU, bad sizes, no bundle
         print(f"kandinsky-export engines: {error}", file=sys.stderr)
         return 2
     print("\n".join(r.line() for r in results))

@@ -29,6 +29,18 @@ converted graph rounded to FP16 where it is produced (graph optimisations off, s
 removed). That is what a GPU computes with FP16 storage and FP32 accumulation (cuBLAS, cuDNN, TensorRT
 kernels): rounding and overflow are reproduced, per-kernel accumulation differences are not. The FP16
 graph itself also runs natively on the given providers, and both must pass. NaN or Inf always fails.
+Every tensor must have a type after shape inference (an untyped one would escape the emulation).
+
+What it is measured on. The inputs each component gets in a short real run of the bundle's own FP32
+graphs (`calibration.py`: a text-to-image generation with a negative prompt, the generated image encoded,
+an inpainting run), at the engines' optimum size for the largest side served (768 px by default): a
+MoVQ decoder fed its UNet's latents, not N(0, 1) noise.
+
+Normalisations are judged by what they reduce: one statistic sums x^2 over the elements it normalises,
+which for Instance/GroupNorm grow with the image. The largest such sum, projected to the largest served
+size, must fit FP16 (65504) unless the normalisations run in FP32; a kernel that keeps its statistics in
+FP16 (TensorRT warns about strongly typed FP16 normalisations) would overflow there, whatever the error
+at the checked size says.
 """
 
 from __future__ import annotations
@@ -39,33 +51,33 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from kandinsky_client.components import COMPONENTS, ModelDims
+from kandinsky_client.components import COMPONENTS, MAX_IMAGE_SIZE, ModelDims
+from kandinsky_client.profiles import ProfileSettings, has_spatial_axes
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from .modules import sample_inputs
-from .onnx_export import (
+from . import bundle as layout
+from . import calibration
+from .bundle import (
     EXTERNAL_DATA_NAME,
     EXTERNAL_DATA_THRESHOLD,
-    ParityReport,
-    compare_outputs,
+    FP16_DIR,
+    ONNX_FILE,
     onnx_digest,
-    onnx_session,
     read_manifest,
-    run_session,
-    write_manifest_entry,
 )
+from .calibration import RecordedRun, record_run
+from .onnx_export import ParityReport, compare_outputs, onnx_session, run_session
 
 logger = logging.getLogger(__name__)
 
-FP16_DIR = "fp16"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 # Which of ONNX Runtime's transformer optimizers matches each component's graph.
@@ -126,11 +138,6 @@ NORMALISATIONS = (
     "SkipGroupNorm",
     "SkipLayerNormalization",
 )
-# A normalisation squares deviations from the mean: above sqrt(65504) ~ 256 the square overflows if the
-# kernel computes its statistics in FP16 (TensorRT warns about exactly this for strongly typed FP16
-# normalisation layers). The storage emulation computes in FP32 and cannot see it, so inputs that large
-# keep the normalisations in FP32 whatever the measured error says.
-NORM_INPUT_LIMIT = float(np.sqrt(FP16_MAX))
 REDUCTIONS = ("Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp")
 BLOCK_LADDER: tuple[tuple[str, ...], ...] = ((), NORMALISATIONS, NORMALISATIONS + REDUCTIONS)
 
@@ -331,28 +338,99 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+class UntypedTensors(RuntimeError):
+    """Shape inference left tensors without a type: the check cannot tell whether they are stored in FP16."""
+
+
+def infer_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of `model`, after symbolic shape inference; raise UntypedTensors for
+    any node output left without one (such a tensor would silently escape the FP16 emulation)."""
+    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
+
+    graph = model.graph
+    try:
+        inferred = SymbolicShapeInferenceHelper(model).infer_shapes(
+            model, auto_merge=True, guess_output_rank=False
+        )
+    except Exception as error:  # noqa: BLE001 - reported with the consequence, not swallowed
+        raise UntypedTensors(
+            f"symbolic shape inference failed ({error!r}); the FP16 check needs every tensor's type"
+        ) from error
+    if inferred is not None:
+        known = {vi.name for vi in graph.value_info}
+        for vi in inferred.graph.value_info:
+            if vi.name not in known and vi.type.tensor_type.elem_type:
+                graph.value_info.append(vi)
+    types = _tensor_types(model)
+    untyped = [out for node in graph.node for out in node.output if out and not types.get(out)]
+    if untyped:
+        raise UntypedTensors(
+            f"{len(untyped)} tensors have no type after shape inference ({', '.join(untyped[:5])}"
+            f"{', ...' if len(untyped) > 5 else ''}): the FP16 check cannot tell whether they are FP16"
+        )
+    return types
+
+
+# Normalisations whose statistics the check measures, and what each reduces: the axes from `axis` on of
+# its input (after a reshape to groups for GroupNormalization).
+_NORM_STAT_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
+# InstanceNormalization (GroupNorm as exported) and GroupNormalization reduce image axes; LayerNormalization
+# reduces channels only (the trailing axes).
+SPATIAL_NORMALISATIONS = frozenset({"InstanceNormalization", "GroupNormalization"})
+
+
+def _norm_stat_nodes(
+    node: onnx.NodeProto, index: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str, str]:
+    """Nodes computing (largest sum of x^2 over one statistic, elements per statistic) of a normalisation.
+
+    A kernel computing its statistics in FP16 accumulates exactly that sum: it overflows above 65504.
+    """
+    x = node.input[0]
+    tag = f"{index}::{node.name or node.op_type}"
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    source = x
+    if node.op_type == "GroupNormalization":
+        groups = next(a.i for a in node.attribute if a.name == "num_groups")
+        shape = numpy_helper.from_array(np.array([0, groups, -1], np.int64), f"normstat::{tag}::groups")
+        initializers.append(shape)
+        nodes.append(helper.make_node("Reshape", [x, shape.name], [f"normstat::{tag}::grouped"]))
+        source, axis = f"normstat::{tag}::grouped", 2
+    elif node.op_type == "InstanceNormalization":
+        axis = 2
+    else:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    flat = f"normstat::{tag}::flat"
+    axes = numpy_helper.from_array(np.array([1], np.int64), f"normstat::{tag}::axes")
+    index_one = numpy_helper.from_array(np.array(1, np.int64), f"normstat::{tag}::one")
+    initializers += [axes, index_one]
+    sums, count = f"normsumsq::{tag}", f"normcount::{tag}"
+    nodes += [
+        helper.make_node("Flatten", [source], [flat], axis=axis),
+        helper.make_node("Mul", [flat, flat], [f"{flat}::sq"]),
+        helper.make_node("ReduceSum", [f"{flat}::sq", axes.name], [f"{flat}::sums"], keepdims=0),
+        helper.make_node("ReduceMax", [f"{flat}::sums"], [sums], keepdims=0),
+        helper.make_node("Shape", [flat], [f"{flat}::shape"]),
+        helper.make_node("Gather", [f"{flat}::shape", index_one.name], [count], axis=0),
+    ]
+    return nodes, initializers, sums, count
+
+
 def emulate_fp16_storage(model16: onnx.ModelProto, *, record_peaks: bool = True) -> onnx.ModelProto:
     """An FP32 graph that rounds to FP16 exactly where `model16` stores FP16 tensors.
 
     Every FP16 initializer and constant becomes its (exact) FP32 value; every node output typed FP16
     is followed by Cast(FP16) -> Cast(FP32). With `record_peaks`, each such tensor also feeds an
-    `absmax::<name>` output (max |value| before rounding) so the check can report the headroom to 65504.
-    Run it with graph optimisations disabled, or the cast pairs may be folded away.
+    `absmax::<name>` output (max |value| before rounding) so the check can report the headroom to 65504,
+    and each normalisation feeds `normsumsq::<node>` / `normcount::<node>` (the largest sum of squares
+    one of its statistics accumulates, and over how many elements). Every tensor must have a type
+    (UntypedTensors otherwise). Run it with graph optimisations disabled, or the cast pairs may be
+    folded away.
     """
-    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
-
     model = copy.deepcopy(model16)
     graph = model.graph
-    with contextlib.suppress(Exception):  # types for outputs the converter left without value_info
-        inferred = SymbolicShapeInferenceHelper(model).infer_shapes(
-            model, auto_merge=True, guess_output_rank=False
-        )
-        if inferred is not None:
-            known = {vi.name for vi in graph.value_info}
-            for vi in inferred.graph.value_info:
-                if vi.name not in known and vi.type.tensor_type.elem_type:
-                    graph.value_info.append(vi)
-    types = _tensor_types(model)
+    types = infer_types(model)
 
     for tensor in graph.initializer:
         if tensor.data_type == TensorProto.FLOAT16:
@@ -362,7 +440,8 @@ def emulate_fp16_storage(model16: onnx.ModelProto, *, record_peaks: bool = True)
 
     new_nodes: list[onnx.NodeProto] = []
     peaks: list[str] = []
-    for node in graph.node:
+    stats: list[str] = []
+    for index, node in enumerate(graph.node):
         for attribute in node.attribute:
             if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 raise NotImplementedError(f"{node.name}: subgraphs are not emulated")
@@ -372,6 +451,11 @@ def emulate_fp16_storage(model16: onnx.ModelProto, *, record_peaks: bool = True)
         if node.op_type == "Constant":
             new_nodes.append(node)  # constant values are exact in FP32; nothing to round
             continue
+        if record_peaks and node.op_type in _NORM_STAT_OPS:
+            extra, constants, sums, count = _norm_stat_nodes(node, index)
+            new_nodes += extra
+            graph.initializer.extend(constants)
+            stats += [sums, count]
         produces_fp16 = (
             node.op_type == "Cast" and helper.get_attribute_value(node.attribute[0]) == TensorProto.FLOAT16
         )
@@ -380,11 +464,11 @@ def emulate_fp16_storage(model16: onnx.ModelProto, *, record_peaks: bool = True)
                 if attribute.name == "to" and attribute.i == TensorProto.FLOAT16:
                     attribute.i = TensorProto.FLOAT
         new_nodes.append(node)
-        for index, name in enumerate(node.output):
+        for out_index, name in enumerate(node.output):
             if not name or not (produces_fp16 or types.get(name) == TensorProto.FLOAT16):
                 continue
             raw = f"{name}::fp32"
-            node.output[index] = raw
+            node.output[out_index] = raw
             new_nodes.append(helper.make_node("Cast", [raw], [f"{name}::fp16"], to=TensorProto.FLOAT16))
             new_nodes.append(helper.make_node("Cast", [f"{name}::fp16"], [name], to=TensorProto.FLOAT))
             if record_peaks:
@@ -399,7 +483,44 @@ def emulate_fp16_storage(model16: onnx.ModelProto, *, record_peaks: bool = True)
         if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
     graph.output.extend(helper.make_tensor_value_info(p, TensorProto.FLOAT, []) for p in peaks)
+    graph.output.extend(
+        helper.make_tensor_value_info(
+            name, TensorProto.INT64 if name.startswith("normcount::") else TensorProto.FLOAT, []
+        )
+        for name in stats
+    )
     return model
+
+
+def normalisation_statistics(
+    results: Mapping[str, np.ndarray], node_types: Mapping[str, str], area_ratio: float
+) -> dict[str, Any]:
+    """The normalisation whose statistics come nearest to FP16's range at the largest served size.
+
+    Each statistic of a normalisation sums x^2 over the elements it reduces: over image axes for
+    Instance/GroupNormalization (so the sum grows with the image area: `area_ratio` = largest served
+    area / checked area), over channels for LayerNormalization. A kernel keeping that sum in FP16
+    overflows above 65504, whatever the error at a small size said.
+    """
+    worst: dict[str, Any] = {}
+    for name, value in results.items():
+        if not name.startswith("normsumsq::"):
+            continue
+        tag = name.removeprefix("normsumsq::")
+        op_type = node_types[tag]
+        scale = area_ratio if op_type in SPATIAL_NORMALISATIONS else 1.0
+        count = int(results[f"normcount::{tag}"])
+        at_max = float(value) * scale
+        if not worst or at_max > worst["sum_of_squares_at_max"]:
+            worst = {
+                "node": tag.split("::", 1)[1],
+                "op_type": op_type,
+                "elements": count,
+                "elements_at_max": round(count * scale),
+                "sum_of_squares": float(value),
+                "sum_of_squares_at_max": at_max,
+            }
+    return worst
 
 
 def peak_activation(peaks: dict[str, float], op_types: dict[str, str]) -> dict[str, Any]:
@@ -447,12 +568,20 @@ def _node_types_by_output(model16: onnx.ModelProto) -> dict[str, str]:
 
 
 def emulation_session(model: onnx.ModelProto | Path, providers: Sequence[str] | None = None) -> Any:
-    """A session with graph optimisations off: the emulation's cast pairs must survive."""
+    """A session with graph optimisations off: the emulation's cast pairs must survive.
+
+    Priority-based execution order: with the default order ONNX Runtime ran every `absmax` branch (a leaf
+    feeding a graph output) last, keeping every raw activation alive until the end (8 GB instead of
+    1 GB for the tiny MoVQ decoder at 768 px; released sizes would not fit). No arena either: the
+    emulation allocates once per tensor size, and an arena only keeps the memory.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
 
@@ -470,26 +599,43 @@ def image_levels(reference: np.ndarray, candidate: np.ndarray) -> int:
 
 @dataclass
 class CheckInputs:
-    """The inputs of one FP16 check and the FP32 graph's outputs for them."""
+    """The inputs of one FP16 check, the FP32 graph's outputs for them, and the size they were made at."""
 
     inputs: dict[str, np.ndarray]
     reference: dict[str, np.ndarray]
+    size: tuple[int, int] = (0, 0)  # (height, width) of the recorded run
+    max_size: int = 0  # the largest image side the engines will serve (normalisation statistics)
 
     @property
     def shapes(self) -> dict[str, list[int]]:
         return {k: list(v.shape) for k, v in self.inputs.items()}
 
+    @property
+    def area_ratio(self) -> float:
+        """Largest served image area over the checked one: how much a spatial statistic's sum grows."""
+        if not all(self.size) or not self.max_size:
+            return 1.0
+        return max(1.0, self.max_size**2 / (self.size[0] * self.size[1]))
 
-def check_inputs(
-    fp32_path: Path, component: str, dims: ModelDims, vocab_size: int, size: tuple[int, int] | None = None
-) -> CheckInputs:
-    """The export's parity inputs (batch 3, a non-square size) and the FP32 ONNX outputs for them."""
-    spec = COMPONENTS[component]
-    base = dims.size_multiple
-    height, width = size or (2 * base, 3 * base)
-    inputs = sample_inputs(spec, dims, batch=3, height=height, width=width, seed=1, vocab_size=vocab_size)
+
+def check_size_for(
+    dims: ModelDims, size: tuple[int, int] | None, max_size: int | None
+) -> tuple[tuple[int, int], int]:
+    """(height, width) of the check and the largest served side: the engines' optimum unless told."""
+    largest = max_size or MAX_IMAGE_SIZE
+    settings = ProfileSettings.for_max_size(largest)
+    height, width = size or settings.optimum()
+    for side in (height, width, largest):
+        if side <= 0 or side % dims.size_multiple:
+            raise ValueError(f"image side {side} is not a positive multiple of {dims.size_multiple}")
+    return (height, width), largest
+
+
+def check_inputs(fp32_path: Path, component: str, run: RecordedRun, max_size: int = 0) -> CheckInputs:
+    """The inputs `component` got in the recorded run, and the FP32 ONNX outputs for them."""
+    inputs = calibration.check_inputs(run, component)
     reference = run_session(onnx_session(fp32_path), inputs)
-    return CheckInputs(inputs, reference)
+    return CheckInputs(inputs, reference, run.size, max_size)
 
 
 def measure_fp16(
@@ -520,6 +666,13 @@ def measure_fp16(
         candidates["fp16-storage"] = {n: results[n] for n in output_names}
         peaks = {n.removeprefix("absmax::"): float(v) for n, v in results.items() if n.startswith("absmax::")}
         peak = peak_activation(peaks, _node_types_by_output(model16))
+        norm_types = {
+            f"{i}::{n.name or n.op_type}": n.op_type
+            for i, n in enumerate(model16.graph.node)
+            if n.op_type in _NORM_STAT_OPS
+        }
+        area = check.area_ratio if has_spatial_axes(spec) else 1.0
+        peak["normalisation_statistics"] = normalisation_statistics(results, norm_types, area)
         norm_peaks = [peaks[n] for n in normalisation_inputs(model16) if n in peaks]
         peak["normalisation_input"] = max(norm_peaks) if norm_peaks else 0.0
     for provider in providers:
@@ -576,19 +729,27 @@ def convert_component(
     op_block_list: Sequence[str] | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     check_size: tuple[int, int] | None = None,
+    max_size: int | None = None,
     tolerance: float = FP16_TOLERANCE,
+    run: RecordedRun | None = None,
 ) -> Fp16Result:
     """Optimise, convert and check one component; writes `<bundle>/<component>/fp16/model.onnx`.
 
-    With `op_block_list=None`, the lists of `BLOCK_LADDER` are tried in order and the first that passes
-    is kept (the last one when none passes; the result then reports `default_precision == "fp32"`).
+    The check runs on the inputs the component gets in a short real run of the bundle at `check_size`
+    (default: the engines' optimum for `max_size`); `run` passes a recorded run to share between
+    components. With `op_block_list=None`, the lists of `BLOCK_LADDER` are tried in order and the first
+    that passes is kept (the last one when none passes; the result then reports `default_precision ==
+    "fp32"`).
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     dims = ModelDims.from_dict(manifest["dims"])
-    fp32_path = bundle / component / "model.onnx"
-    target = bundle / component / FP16_DIR / "model.onnx"
-    check = check_inputs(fp32_path, component, dims, manifest["vocab_size"], check_size)
+    size, largest = check_size_for(dims, check_size, max_size)
+    fp32_path = bundle / component / ONNX_FILE
+    target = bundle / component / FP16_DIR / ONNX_FILE
+    if run is None:
+        run = record_run(bundle, size)
+    check = check_inputs(fp32_path, component, run, largest)
     ladder = [tuple(op_block_list)] if op_block_list is not None else list(BLOCK_LADDER)
 
     with tempfile.TemporaryDirectory(dir=bundle / component) as tmp:
@@ -610,13 +771,7 @@ def convert_component(
             reports, peak, levels = measure_fp16(
                 component, target, check, providers=providers, tolerance=tolerance
             )
-            hazards = []
-            norm_peak = peak.get("normalisation_input", 0.0)
-            if norm_peak > NORM_INPUT_LIMIT and not set(NORMALISATIONS) & set(block):
-                hazards.append(
-                    f"normalisation inputs reach {norm_peak:.3g} > {NORM_INPUT_LIMIT:.0f}: FP16 statistics would "
-                    "overflow; keep normalisations in FP32"
-                )
+            hazards = normalisation_hazards(peak, block)
             passed = all(r.passed for r in reports) and not hazards
             attempts.append(
                 Fp16Attempt(
@@ -656,6 +811,27 @@ def convert_component(
     )
 
 
+def normalisation_hazards(peak: Mapping[str, Any], block: Sequence[str]) -> list[str]:
+    """Why normalisations must stay in FP32 although the measured error passed (empty: they need not).
+
+    Judged by what they reduce: the largest sum of squares one statistic accumulates at the largest
+    served size (see `normalisation_statistics`) must fit FP16, unless the normalisations run in FP32.
+    """
+    stats = peak.get("normalisation_statistics") or {}
+    if set(NORMALISATIONS) & set(block) or not stats or stats["sum_of_squares_at_max"] <= FP16_MAX:
+        return []
+    return [
+        f"{stats['op_type']} {stats['node']} sums x^2 over {stats['elements_at_max']} elements per statistic "
+        f"at the largest size: {stats['sum_of_squares_at_max']:.3g} > {FP16_MAX:.0f} (FP16 statistics would "
+        "overflow); keep normalisations in FP32"
+    ]
+
+
+# Bumped when the check itself changes (what it feeds, what it judges): variants of an older check are
+# converted again.
+CHECK_VERSION = 2
+
+
 def convert_bundle(
     bundle: Path,
     components: Sequence[str] | None = None,
@@ -664,46 +840,62 @@ def convert_bundle(
     op_block_list: Sequence[str] | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     check_size: tuple[int, int] | None = None,
+    max_size: int | None = None,
     tolerance: float = FP16_TOLERANCE,
     force: bool = False,
 ) -> list[Fp16Result]:
     """FP16 variants of the bundle's components (or `components`), recorded in its manifest.
 
     A component whose FP16 variant was made from the current FP32 file with the same settings is
-    skipped unless `force`. A component that fails its check is not an error: its manifest entry gets
-    `default_precision: fp32`, and the GPU flavours serve FP32 for it. Returns the converted ones.
+    skipped unless `force`. The others are checked on one short real run of the bundle (`calibration`)
+    at `check_size` (default: the engines' optimum for `max_size`, the largest side served). A component
+    that fails its check is not an error: its manifest entry gets `default_precision: fp32`, and the GPU
+    flavours serve FP32 for it. Returns the converted ones.
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    dims = ModelDims.from_dict(manifest["dims"])
     wanted = list(components or manifest["components"])
     unknown = [c for c in wanted if c not in manifest["components"]]
     if unknown:
         raise KeyError(f"not in the bundle: {unknown}; exported: {sorted(manifest['components'])}")
+    size, largest = check_size_for(dims, check_size, max_size)
     settings = {
+        "check": CHECK_VERSION,
         "fusion_set": fusion_set,
         "op_block_list": sorted(op_block_list) if op_block_list is not None else None,
         "providers": list(providers),
-        "check_size": list(check_size) if check_size else None,
+        "check_size": list(size),
+        "max_size": largest,
         "tolerance": tolerance,
     }
-    results = []
-    for component in tqdm(wanted, desc="FP16 conversion", unit="component"):
+    todo = []
+    for component in wanted:
         variant = manifest["components"][component].get("variants", {}).get(FP16_DIR)
         if not force and _is_current(bundle / component, variant, settings):
             logger.info("%s: FP16 variant is current (same FP32 source and settings); skipped", component)
-            continue
+        else:
+            todo.append(component)
+    if not todo:
+        return []
+    logger.info("recording a %dx%d run of the bundle for the FP16 check of %s", *size, ", ".join(todo))
+    run = record_run(bundle, size)
+    results = []
+    for component in tqdm(todo, desc="FP16 conversion", unit="component"):
         result = convert_component(
             bundle,
             component,
             fusion_set=fusion_set,
             op_block_list=op_block_list,
             providers=providers,
-            check_size=check_size,
+            check_size=size,
+            max_size=largest,
             tolerance=tolerance,
+            run=run,
         )
         for line in result.lines():
             logger.info("%s", line)
-        write_manifest_entry(
+        layout.update_component(
             bundle,
             component,
             variants={FP16_DIR: {**result.manifest_entry(), "settings": settings}},
@@ -718,4 +910,4 @@ def _is_current(component_dir: Path, variant: dict[str, Any] | None, settings: d
         return False
     if not all((component_dir / f).is_file() for f in variant.get("files", [])):
         return False
-    return variant.get("source_sha256") == onnx_digest(component_dir / "model.onnx")
+    return variant.get("source_sha256") == onnx_digest(component_dir / ONNX_FILE)

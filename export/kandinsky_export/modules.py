@@ -12,13 +12,6 @@ import numpy as np
 import torch
 from kandinsky_client.components import COMPONENTS, ComponentSpec, ModelDims
 
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-
 
 class TextEncoder(torch.nn.Module):
     """input_ids -> (text_embeds, last_hidden_state). The prior pipeline passes no attention mask."""

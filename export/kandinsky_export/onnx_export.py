@@ -1,17 +1,13 @@
-"""Export components to ONNX, check each against PyTorch, and write the export bundle.
+"""Export components to ONNX, check each against PyTorch, and write the export bundle (layout: bundle.py).
 
-The bundle is everything the model-repository generator needs, and nothing that needs torch:
-
-    <out>/manifest.json                 dims, scheduler configs, per-component files and parity
-    <out>/<component>/model.onnx        (+ model.onnx_data when the graph is over 2 GB)
-    <out>/tokenizer/                    the checkpoint's tokenizer files
-    <out>/image_processor/              the checkpoint's CLIPImageProcessor config (preprocessor_config.json)
-    <out>/prior_postprocess/*.npy       clip_mean, clip_std, and the zero-image embedding
+The bundle is everything the model-repository generator needs, and nothing that needs torch. Its
+manifest is written last, and only when every component passed its parity check: a bundle without a
+manifest is never converted, built or served (`bundle.read_manifest` refuses it). An export that fails
+leaves `export_failed.json` saying what failed instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,15 +23,14 @@ import torch
 from kandinsky_client.components import COMPONENTS, ComponentSpec
 from tqdm.auto import tqdm
 
+from . import bundle as layout
+from .bundle import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, ONNX_FILE
 from .checkpoint import Checkpoint
 from .modules import build_wrapper, sample_inputs, to_torch
 
 logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
-EXTERNAL_DATA_NAME = "model.onnx_data"
-MANIFEST = "manifest.json"
 
 # FP32 ONNX Runtime vs PyTorch: both compute in float32 (eps 1.2e-7) and differ only by operator
 # fusion and summation order. Errors grow with depth to ~1e-6 relative on these graphs; 1e-4 of the
@@ -112,11 +107,15 @@ def run_session(session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.nda
 
 
 def save_onnx(model_path: Path) -> None:
-    """Re-save an exported model: one file, or one external-data file when over the protobuf limit."""
+    """Re-save an exported model: one file, or one external-data file when over the protobuf limit.
+
+    The exporter's per-tensor data files next to it are removed; folders (the FP16 variant, the engine
+    of a previous export) are left to their own steps, which see from the source digest that they are stale.
+    """
     model = onnx.load(str(model_path), load_external_data=True)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     for stale in model_path.parent.iterdir():
-        if stale != model_path:
+        if stale != model_path and not stale.is_dir():
             stale.unlink()
     if size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
@@ -159,9 +158,9 @@ def export_component(
     )
     target_dir = Path(out_dir) / component
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / "model.onnx"
+    target = target_dir / ONNX_FILE
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-        tmp_model = Path(tmp) / "model.onnx"
+        tmp_model = Path(tmp) / ONNX_FILE
         with torch.inference_mode(), warnings.catch_warnings():
             # Shape-dependent Python branches are traced as constants; the parity check below, at
             # another batch and size, is what shows the graph generalises.
@@ -178,7 +177,7 @@ def export_component(
                 dynamo=False,
             )
         for stale in target_dir.iterdir():
-            if stale.is_file():
+            if not stale.is_dir():
                 stale.unlink()
         for produced in Path(tmp).iterdir():
             shutil.move(str(produced), target_dir / produced.name)
@@ -198,7 +197,7 @@ def export_constants(checkpoint: Checkpoint, out_dir: Path) -> None:
     diffusers recomputes `image_encoder(zeros)` on every call without a negative prompt; it depends only
     on the checkpoint, so it is computed once here and shipped with the repository.
     """
-    target = Path(out_dir) / "prior_postprocess"
+    target = Path(out_dir) / layout.CONSTANTS_DIR
     target.mkdir(parents=True, exist_ok=True)
     prior = checkpoint.load_component("prior")
     np.save(target / "clip_mean.npy", prior.clip_mean.detach().float().numpy().reshape(-1))
@@ -212,10 +211,7 @@ def export_constants(checkpoint: Checkpoint, out_dir: Path) -> None:
 
 
 def export_tokenizer(checkpoint: Checkpoint, out_dir: Path) -> None:
-    checkpoint.load_tokenizer().save_pretrained(Path(out_dir) / "tokenizer")
-
-
-IMAGE_PROCESSOR_CONFIG = "image_processor/preprocessor_config.json"
+    checkpoint.load_tokenizer().save_pretrained(Path(out_dir) / layout.TOKENIZER_DIR)
 
 
 def export_image_processor(checkpoint: Checkpoint, out_dir: Path) -> None:
@@ -223,9 +219,9 @@ def export_image_processor(checkpoint: Checkpoint, out_dir: Path) -> None:
 
     Copied as JSON rather than re-saved through transformers, whose writer may add or rename keys.
     """
-    target = Path(out_dir) / IMAGE_PROCESSOR_CONFIG
+    target = Path(out_dir) / layout.IMAGE_PROCESSOR_CONFIG
     target.parent.mkdir(parents=True, exist_ok=True)
-    config = checkpoint.read_json("prior", IMAGE_PROCESSOR_CONFIG)
+    config = checkpoint.read_json("prior", layout.IMAGE_PROCESSOR_CONFIG)
     target.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -234,9 +230,18 @@ def export_bundle(
     out_dir: Path,
     components: list[str] | None = None,
 ) -> list[ParityReport]:
-    """Export every component the checkpoint has, the constants and the manifest; raise on failed parity."""
+    """Export every component the checkpoint has (or `components`), the constants and the manifest.
+
+    The manifest is removed first and written last, only when every parity check passed; otherwise
+    `export_failed.json` records the failures and RuntimeError is raised. An interrupted or failed export
+    therefore never leaves a manifest that later steps (FP16, engines, the repository) would trust.
+    Exporting a subset keeps the other components' entries of the previous manifest.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_manifest(out_dir)
+    layout.manifest_path(out_dir).unlink(missing_ok=True)
+    (out_dir / layout.FAILED_EXPORT).unlink(missing_ok=True)
     wanted = components or [name for name, spec in COMPONENTS.items() if checkpoint.has(spec.checkpoint)]
     reports: list[ParityReport] = []
     for component in tqdm(wanted, desc="exporting ONNX", unit="component"):
@@ -244,21 +249,41 @@ def export_bundle(
         for report in component_reports:
             logger.info("%s", report.line())
         reports += component_reports
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        layout.write_json(
+            out_dir / layout.FAILED_EXPORT,
+            {"failed": [r.line().strip() for r in failed], "reports": [asdict(r) for r in reports]},
+        )
+        raise RuntimeError(
+            "ONNX parity failed (no manifest written):\n" + "\n".join(r.line() for r in failed)
+        )
     export_constants(checkpoint, out_dir)
     export_tokenizer(checkpoint, out_dir)
     export_image_processor(checkpoint, out_dir)
-    write_manifest(checkpoint, out_dir, wanted, reports)
-    failed = [r for r in reports if not r.passed]
-    if failed:
-        raise RuntimeError("ONNX parity failed:\n" + "\n".join(r.line() for r in failed))
+    layout.write_manifest(out_dir, build_manifest(checkpoint, out_dir, wanted, reports, previous))
     return reports
 
 
-def write_manifest(
-    checkpoint: Checkpoint, out_dir: Path, components: list[str], reports: list[ParityReport]
-) -> None:
-    manifest_path = Path(out_dir) / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"components": {}}
+def _previous_manifest(out_dir: Path) -> dict[str, Any]:
+    """The components of an earlier successful export into the same folder (kept for subset exports)."""
+    try:
+        previous = layout.read_manifest(out_dir)
+    except (FileNotFoundError, layout.BundleError, json.JSONDecodeError):
+        return {"components": {}}
+    return {"components": previous.get("components", {})}
+
+
+def build_manifest(
+    checkpoint: Checkpoint,
+    out_dir: Path,
+    components: list[str],
+    reports: list[ParityReport],
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a passed export. Re-exported components lose their FP16 and engine records:
+    those steps run again (and skip what their source digests say is still current)."""
+    manifest: dict[str, Any] = {"components": dict((previous or {}).get("components", {}))}
     manifest["dims"] = asdict(checkpoint.dims)
     manifest["schedulers"] = {
         part: checkpoint.scheduler_config(part)
@@ -268,45 +293,14 @@ def write_manifest(
     manifest["checkpoint"] = asdict(checkpoint)
     manifest["vocab_size"] = checkpoint.config("text_encoder")["vocab_size"]
     for component in components:
-        files = sorted(p.name for p in (Path(out_dir) / component).iterdir() if p.is_file())
+        files = sorted(
+            p.name
+            for p in (Path(out_dir) / component).iterdir()
+            if p.is_file() and not p.name.startswith(".")
+        )
         manifest["components"][component] = {
             "files": files,
             "precision": "fp32",
             "parity": [asdict(r) for r in reports if r.component == component],
         }
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def write_manifest_entry(bundle: Path, component: str, **values: Any) -> None:
-    """Add to one component's manifest entry (a later step: FP16 variants, engines); dicts are merged."""
-    path = Path(bundle) / MANIFEST
-    manifest = read_manifest(bundle)
-    entry = manifest["components"][component]
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(entry.get(key), dict):
-            entry[key] = {**entry[key], **value}
-        else:
-            entry[key] = value
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def onnx_digest(model_path: Path) -> str:
-    """sha256 of an ONNX file and its external data: names the graph an FP16 file or engine came from."""
-    model_path = Path(model_path)
-    digest = hashlib.sha256()
-    data = sorted(p for p in model_path.parent.glob(f"{model_path.name}_data*") if p.is_file())
-    for path in (model_path, *data):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(bundle: Path) -> dict[str, Any]:
-    path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `kandinsky-export onnx` first")
-    return json.loads(path.read_text())
+    return manifest

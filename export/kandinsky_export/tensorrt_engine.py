@@ -4,15 +4,9 @@
     <bundle>/<component>/tensorrt/engine.json    what it was built from and for (the sidecar)
     <bundle>/tensorrt_timing.cache               TensorRT's timing cache, shared by every build
 
-Profiles. Every dynamic axis of the registry gets a [min, opt, max] range:
-- batch: 1 .. the registry's `max_batch_size` (MAX_IMAGES_PER_REQUEST images, times the component's
-  batch per image: 2 for classifier-free guidance on the UNet, 4 prompts per image for the text
-  encoder and prior). The minimum is 1 because Triton's dynamic batcher may form any batch up to
-  `max_batch_size`; the optimum is one image's batch.
-- image sides: 512 .. 1024 pixels in steps of 64 (optimum 768); latent axes divide by the checkpoint's
-  MoVQ scale factor (8 for the released MoVQ: 64 .. 128 latents).
-- `static_size`: one image size, min = opt = max on the spatial axes (batch stays dynamic). Faster
-  kernels, and Triton can capture CUDA graphs for every batch size.
+Profiles (batch 1 .. `max_batch_size`, optimum one image's rows; image sides `min_size` .. `max_size`, or
+one static size) come from `kandinsky_client.profiles`, next to the registry, because the repository
+generator and the client need them too and must not import this package.
 
 Precision. The FP16 ONNX variant carries its precision (FP16 weights, FP32 islands where the measured
 error demanded them, FP32 inputs/outputs), so it is parsed as a *strongly typed* network: TensorRT
@@ -36,120 +30,47 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, ComponentSpec, ModelDims
+from kandinsky_client.components import COMPONENTS, ModelDims
+from kandinsky_client.profiles import ProfileSettings, engine_profile
 from tqdm.auto import tqdm
+
+from . import bundle as layout
+from .bundle import ENGINE_DIR, ENGINE_FILE, ONNX_FILE, TIMING_CACHE
 
 logger = logging.getLogger(__name__)
 
-ENGINE_DIR = "tensorrt"
-ENGINE_FILE = "model.plan"
-METADATA_FILE = "engine.json"
-TIMING_CACHE = "tensorrt_timing.cache"
+METADATA_FILE = layout.ENGINE_METADATA
 METADATA_FORMAT = 1
 PRECISIONS = ("default", "fp16", "fp32", "mixed")
 # The sidecar fields that decide whether an engine is current; the rest is informational.
 KEY_FIELDS = ("format", "component", "tensorrt_version", "gpu", "source", "build", "profile")
 
-_SPATIAL = {"height": 1, "width": 1, "latent_height": 0, "latent_width": 0}  # 1: pixels, 0: latents
-
-
-# --------------------------------------------------------------------------------------------------
-# Profiles (pure Python)
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    """Which requests the engines must serve: image sides in pixels, or one static size."""
-
-    min_size: int = 512
-    opt_size: int = 768
-    max_size: int = 1024
-    size_step: int = 64
-    static_size: tuple[int, int] | None = None  # (height, width) in pixels
-
-    def validate(self, dims: ModelDims) -> None:
-        multiple = dims.size_multiple
-        if self.size_step % multiple:
-            raise ValueError(
-                f"size step {self.size_step} is not a multiple of {multiple} (the model's size unit)"
-            )
-        sizes = self.static_size or (self.min_size, self.opt_size, self.max_size)
-        for size in sizes:
-            if size <= 0 or size % multiple:
-                raise ValueError(f"image side {size} is not a positive multiple of {multiple}")
-        if not self.static_size:
-            if not self.min_size <= self.opt_size <= self.max_size:
-                raise ValueError(
-                    f"need min <= opt <= max, got {self.min_size}, {self.opt_size}, {self.max_size}"
-                )
-            for size in (self.opt_size, self.max_size):
-                if (size - self.min_size) % self.size_step:
-                    raise ValueError(
-                        f"image side {size} is not min {self.min_size} + k * step {self.size_step}"
-                    )
-
-    def image_sides(self) -> list[int]:
-        """Every supported image side (pixels), for validation messages and warm-up choices."""
-        if self.static_size:
-            return sorted(set(self.static_size))
-        return list(range(self.min_size, self.max_size + 1, self.size_step))
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["static_size"] = list(self.static_size) if self.static_size else None
-        return out
-
-
-def batch_per_image(spec: ComponentSpec) -> int:
-    """How many batch rows one image costs this component, from the registry's batch semantics."""
-    return max(1, spec.max_batch_size // MAX_IMAGES_PER_REQUEST)
-
-
-def _symbols(dims: ModelDims, batch: int, height: int, width: int) -> dict[str, int]:
-    return {
-        **dims.as_symbols(),
-        "batch": batch,
-        "height": height,
-        "width": width,
-        "latent_height": height // dims.movq_scale_factor,
-        "latent_width": width // dims.movq_scale_factor,
-    }
-
-
-def engine_profile(
-    spec: ComponentSpec, dims: ModelDims, settings: ProfileSettings
-) -> dict[str, dict[str, list[int]]]:
-    """{input: {"min": shape, "opt": shape, "max": shape}} for one component's optimisation profile."""
-    settings.validate(dims)
-    per_image = batch_per_image(spec)
-    batches = (1, per_image, spec.max_batch_size)
-    if settings.static_size:
-        sizes = [settings.static_size] * 3
-    else:
-        sizes = [(s, s) for s in (settings.min_size, settings.opt_size, settings.max_size)]
-    profile: dict[str, dict[str, list[int]]] = {}
-    for tensor in spec.inputs:
-        shapes = [
-            list(tensor.resolve(_symbols(dims, batch, h, w), keep_dynamic=False))
-            for batch, (h, w) in zip(batches, sizes, strict=True)
-        ]
-        profile[tensor.name] = dict(zip(("min", "opt", "max"), shapes, strict=True))
-    return profile
-
-
-def is_spatially_static(profile: Mapping[str, Mapping[str, Sequence[int]]]) -> bool:
-    """True when only the batch axis varies: Triton can then capture CUDA graphs per batch size."""
-    return all(list(p["min"][1:]) == list(p["max"][1:]) for p in profile.values())
-
-
-def profile_shapes_option(profile: Mapping[str, Mapping[str, Sequence[int]]], which: str) -> str:
-    """ONNX Runtime's TensorRT EP spelling of a profile: "name:1x4x64x64,other:1"."""
-    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
+__all__ = [
+    "ENGINE_DIR",
+    "ENGINE_FILE",
+    "METADATA_FILE",
+    "PRECISIONS",
+    "TIMING_CACHE",
+    "BuildOptions",
+    "EngineResult",
+    "ProfileSettings",
+    "build_engine",
+    "build_engines",
+    "choose_source",
+    "engine_metadata",
+    "engine_profile",
+    "gpu_identity",
+    "plan_engines",
+    "read_engine_metadata",
+    "rebuild_reason",
+    "record_engine",
+    "tensorrt_version",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,8 +99,8 @@ def choose_source(entry: Mapping[str, Any], precision: str) -> tuple[str, str, d
             raise ValueError("the FP16 variant failed its error check; build fp32 or mixed instead")
         return variant["path"], "fp16", {"strongly_typed": True, "fp16_flag": False}
     if precision == "mixed":
-        return "model.onnx", "mixed", {"strongly_typed": False, "fp16_flag": True}
-    return "model.onnx", "fp32", {"strongly_typed": False, "fp16_flag": False}
+        return ONNX_FILE, "mixed", {"strongly_typed": False, "fp16_flag": True}
+    return ONNX_FILE, "fp32", {"strongly_typed": False, "fp16_flag": False}
 
 
 def engine_metadata(
@@ -246,11 +167,14 @@ def read_engine_metadata(component_dir: Path) -> dict[str, Any] | None:
 
 def record_engine(bundle: Path, component: str, metadata: Mapping[str, Any]) -> None:
     """Write the sidecar next to the engine and point the manifest entry at both."""
-    from .onnx_export import write_manifest_entry
-
     engine_dir = Path(bundle) / component / ENGINE_DIR
-    (engine_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    write_manifest_entry(
+    layout.write_json(engine_dir / METADATA_FILE, dict(metadata))
+    point_manifest_at_engine(bundle, component, metadata)
+
+
+def point_manifest_at_engine(bundle: Path, component: str, metadata: Mapping[str, Any]) -> None:
+    """The manifest entry's `tensorrt` record (a re-export drops it; a current engine gets it back)."""
+    layout.update_component(
         bundle,
         component,
         tensorrt={
@@ -417,11 +341,9 @@ def plan_engines(
 
     Split from `build_engines` so the rebuild decision over a whole bundle is testable without a GPU.
     """
-    from .onnx_export import onnx_digest, read_manifest
-
-    digest = digest or onnx_digest
+    digest = digest or layout.onnx_digest
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    manifest = layout.read_manifest(bundle)
     dims = ModelDims.from_dict(manifest["dims"])
     wanted = list(components or manifest["components"])
     plans = []
@@ -471,7 +393,9 @@ def build_engines(
     results = []
     for component, expected, reason in tqdm(plans, desc="TensorRT engines", unit="engine"):
         if reason is None and not force:
-            results.append(EngineResult(component, "up to date", None, 0.0, expected))
+            recorded = read_engine_metadata(bundle / component) or dict(expected)
+            point_manifest_at_engine(bundle, component, recorded)
+            results.append(EngineResult(component, "up to date", None, 0.0, recorded))
             logger.info("%s", results[-1].line())
             continue
         start = time.monotonic()

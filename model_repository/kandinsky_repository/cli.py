@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from kandinsky_export.bundle import BundleError
+
 from .generate import DEFAULT_MAX_IMAGE_SIZE, FLAVOURS, RepositoryOptions, generate_repository
+from .gpu_backends import GPU_MAX_QUEUE_DELAY_US
 from .settings import DEFAULTS
 
 
@@ -18,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-image-size", type=int, default=DEFAULT_MAX_IMAGE_SIZE)
     parser.add_argument("--instances", type=int, default=1, help="instances per network model")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="cpu flavour: ONNX Runtime threads")
-    parser.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batching window")
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        help=f"dynamic batching window of the per-step models (default: 0 on cpu, {GPU_MAX_QUEUE_DELAY_US} on GPUs)",
+    )
     parser.add_argument(
         "--max-queue-size",
         type=int,
@@ -35,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ort-tensorrt", action="store_true", help="onnxruntime flavour: TensorRT accelerator"
     )
     parser.add_argument(
-        "--ort-trt-cache-dir", default="", help="its engine cache (default: per model folder)"
+        "--ort-trt-cache-dir",
+        default="",
+        help="its engine cache (default: <output>.ort_trt_cache, next to the repository, kept across runs)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="GPU flavours: no warm-up request at load")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="tensorrt flavour: no CUDA graphs")
@@ -76,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         max_queued_generations=args.max_queued_generations,
         max_generation_seconds=args.max_generation_seconds,
     )
-    models = generate_repository(args.bundle, args.output, options)
+    try:
+        models = generate_repository(args.bundle, args.output, options)
+    except (ValueError, FileNotFoundError, BundleError) as error:
+        print(f"kandinsky-repository: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {len(models)} models to {args.output}: {', '.join(models)}")
     return 0

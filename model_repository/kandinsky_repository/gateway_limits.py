@@ -5,12 +5,12 @@
 
 Body cap. It must admit the largest request a client legitimately sends and little more. For every
 registry model present in the repository that is the sum of its inputs at the model's max batch size and
-the largest sizes the server accepts: images for CLIP pre-processing at MAX_INPUT_IMAGE_SIDE (8 x 2048 x
-2048 x 3 uint8 = 96 MiB, the largest for every checkpoint), MoVQ images and decoded images at the
+the largest sizes the server accepts: images for CLIP pre-processing at MAX_INPUT_IMAGE_SIDE (4 x 2048 x
+2048 x 3 uint8 = 48 MiB at its max batch of one row per image), MoVQ images and decoded images at the
 repository's max_image_size, latents at max_image_size / the MoVQ scale, prompts at MAX_PROMPT_BYTES.
 Binary tensors travel at that size; a JSON body with base64 images (the generate endpoint) needs 4/3 of
-the raw pixels of MAX_IMAGES_PER_REQUEST images of that side (64 MiB), which is smaller. The cap is the
-larger of the two plus 1 MiB for JSON headers and framing.
+the raw pixels of MAX_IMAGES_PER_REQUEST images of that side (64 MiB), the largest for every checkpoint.
+The cap is the larger of the two plus 1 MiB for JSON headers and framing (65 MiB).
 
 JSON element limit: one full-size RGB image (max_image_size^2 x 3 values). JSON tensors are a debugging
 convenience (the client sends binary data); Triton allocates JSON inputs at their declared shape, so this

@@ -12,16 +12,16 @@ Pre/post-processing models and ensembles are the same in every flavour.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from google.protobuf import text_format
+import numpy as np
 from kandinsky_client.components import (
     COMPONENTS,
+    MAX_IMAGE_SIZE,
     MAX_IMAGES_PER_REQUEST,
     MAX_INPUT_IMAGE_SIDE,
     MAX_PROMPT_BYTES,
@@ -31,29 +31,53 @@ from kandinsky_client.components import (
     ServedModelSpec,
     TensorSpec,
 )
+from kandinsky_client.profiles import image_size_limits, intersect_size_limits
+from kandinsky_client.server_info import (
+    IMAGE_SIZES_PARAMETER,
+    REPOSITORY_FORMAT,
+    REPOSITORY_FORMAT_PARAMETER,
+)
 from kandinsky_client.wire import MODEL_NAME
+from kandinsky_export import bundle as layout
 from tqdm.auto import tqdm
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .configs import (
+    FLAVOURS,
+    RepositoryOptions,
+    base_config,
+    dtype_enum,
+    place_file,
+    read_config,
+    set_parameters,
+    write_config,
+    write_python_entry_point,
+)
 from .generation_config import ENTRY_POINT as GENERATION_ENTRY_POINT
 from .generation_config import generation_config
-from .settings import DEFAULTS
+from .gpu_backends import configure_gpu_component
 
 logger = logging.getLogger(__name__)
 
-FLAVOURS = ("cpu", "onnxruntime", "tensorrt")
-DEFAULT_MAX_IMAGE_SIZE = 1024
-MANIFEST = "manifest.json"
+DEFAULT_MAX_IMAGE_SIZE = MAX_IMAGE_SIZE  # the registry's; re-exported for the CLI and the gateway
+# What the generator records about the repository it wrote (format, options, the /dev/shm it needs).
+REPOSITORY_RECORD = "kandinsky_repository.json"
+# The python backend's first shared-memory region per model instance (its shm-default-byte-size).
+PYTHON_BACKEND_REGION_BYTES = 1 << 20
 
-_DTYPES = {
-    "float32": mc.TYPE_FP32,
-    "float16": mc.TYPE_FP16,
-    "int64": mc.TYPE_INT64,
-    "int32": mc.TYPE_INT32,
-    "bool": mc.TYPE_BOOL,
-    "uint8": mc.TYPE_UINT8,
-    "bytes": mc.TYPE_STRING,
-}
+__all__ = [
+    "DEFAULT_MAX_IMAGE_SIZE",
+    "FLAVOURS",
+    "REPOSITORY_RECORD",
+    "RepositoryOptions",
+    "base_config",
+    "dtype_enum",
+    "generate_repository",
+    "place_file",
+    "read_config",
+    "set_parameters",
+    "write_config",
+]
 
 # Python-backend models that are not exported networks: model name -> "module:class".
 _PYTHON_MODELS = {
@@ -64,56 +88,6 @@ _PYTHON_MODELS = {
     "preprocess_movq_image": "preprocess:PreprocessMovqImage",
 }
 _ONNX_RUNNER = "onnx_runner:TritonPythonModel"
-
-
-@dataclass(frozen=True)
-class RepositoryOptions:
-    flavour: str = "cpu"
-    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
-    instances: int = 1
-    intra_op_threads: int = 0  # cpu flavour: ONNX Runtime threads per model (0: its default)
-    max_queue_delay_us: int = 0  # dynamic batching window for the per-step models
-    max_queue_size: int = DEFAULTS.max_queue_size  # requests waiting per model (see limit_queue)
-    # GPU flavours (see gpu_backends.py):
-    precision: str = "default"  # onnxruntime: ONNX variant served (default: the bundle's measured choice)
-    ort_tensorrt: bool = False  # onnxruntime: add ONNX Runtime's TensorRT execution accelerator
-    ort_trt_cache_dir: str = ""  # its engine cache ("": <repository>/<model>/trt_cache)
-    warmup: bool = True  # one warm-up request per network model at load
-    cuda_graphs: bool = True  # tensorrt: CUDA graphs for engines with static image sizes
-    # The server-side generation model (`kandinsky`; see settings.py)
-    max_concurrent_generations: int = DEFAULTS.max_concurrent_generations
-    max_queued_generations: int = DEFAULTS.max_queued_generations
-    max_generation_seconds: float = DEFAULTS.max_generation_seconds
-
-
-def dtype_enum(dtype: str) -> int:
-    return _DTYPES[dtype]
-
-
-def _tensor(message_cls: type, spec: TensorSpec, dims: ModelDims) -> object:
-    shape = spec.resolve(dims.as_symbols())[1:]  # Triton's dims exclude the batch axis
-    if not shape:
-        # A per-item scalar (the timestep): Triton needs one dim; the model sees [batch].
-        return message_cls(
-            name=spec.name,
-            data_type=dtype_enum(spec.dtype),
-            dims=[1],
-            reshape=mc.ModelTensorReshape(shape=[]),
-        )
-    return message_cls(name=spec.name, data_type=dtype_enum(spec.dtype), dims=list(shape))
-
-
-def base_config(spec: ModelSpec, dims: ModelDims) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
-    config.input.extend(_tensor(mc.ModelInput, t, dims) for t in spec.inputs)
-    config.output.extend(_tensor(mc.ModelOutput, t, dims) for t in spec.outputs)
-    return config
-
-
-def set_parameters(config: mc.ModelConfig, parameters: dict[str, object]) -> None:
-    for key, value in parameters.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        config.parameters[key].string_value = text
 
 
 def python_backend(
@@ -201,34 +175,6 @@ def limit_queue(config: mc.ModelConfig, options: RepositoryOptions) -> None:
         policy.timeout_action = mc.ModelQueuePolicy.REJECT
 
 
-def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.pbtxt").write_text(
-        "# Generated by kandinsky-repository; edit the generator, not this file.\n"
-        + text_format.MessageToString(config)
-    )
-
-
-def write_python_entry_point(version_dir: Path, entry_point: str) -> None:
-    module, cls = entry_point.split(":")
-    version_dir.mkdir(parents=True, exist_ok=True)
-    (version_dir / "model.py").write_text(
-        "# Generated by kandinsky-repository: the logic lives in the installed kandinsky_repository package.\n"
-        f"from kandinsky_repository.python_models.{module} import {cls} as TritonPythonModel  # noqa: F401\n"
-    )
-
-
-def place_file(source: Path, target: Path) -> None:
-    """Hard-link when possible (large ONNX files), copy otherwise."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def component_parameters(name: str, manifest: dict, dims: ModelDims, options: RepositoryOptions) -> dict:
     """What the server-side checks and the client need to know about a network model."""
     spec = COMPONENTS[name]
@@ -244,27 +190,37 @@ def component_parameters(name: str, manifest: dict, dims: ModelDims, options: Re
     if name == "text_encoder":
         parameters["vocab_size"] = str(manifest["vocab_size"])
     if name == "unet":
+        parameters[REPOSITORY_FORMAT_PARAMETER] = str(REPOSITORY_FORMAT)
         parameters["kandinsky_dims"] = manifest["dims"]
-        parameters["max_image_size"] = str(options.max_image_size)
         parameters["max_images_per_request"] = str(MAX_IMAGES_PER_REQUEST)
     return parameters
 
 
 def generate_repository(bundle: Path, output: Path, options: RepositoryOptions | None = None) -> list[str]:
-    """Write the repository for `options.flavour` into `output` (replaced); returns the model names."""
-    from .gpu_backends import configure_gpu_component
+    """Write the repository for `options.flavour` into `output` (replaced); returns the model names.
 
+    The bundle must have passed its export checks (`bundle.read_manifest` refuses it otherwise). Every
+    flavour writes the same client-facing parameters into the `unet` config: the repository format, the
+    checkpoint's dims and the image sizes every served model accepts (`image_sizes`).
+    """
     options = options or RepositoryOptions()
     if options.flavour not in FLAVOURS:
         raise ValueError(f"flavour '{options.flavour}' is not one of {FLAVOURS}")
     bundle, output = Path(bundle), Path(output)
-    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest = layout.read_manifest(bundle)
     dims = ModelDims.from_dict(manifest["dims"])
+    if options.max_image_size <= 0 or options.max_image_size % dims.size_multiple:
+        raise ValueError(
+            f"max image size {options.max_image_size} is not a positive multiple of {dims.size_multiple} "
+            "(the checkpoint's image size unit)"
+        )
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
 
     models: dict[str, ModelSpec] = {}
+    configs: dict[str, mc.ModelConfig] = {}
+    size_limits = [image_size_limits(dims.size_multiple, options.max_image_size)]
     for name in tqdm(manifest["components"], desc=f"writing {options.flavour} repository", unit="model"):
         spec = COMPONENTS[name]
         models[name] = spec
@@ -277,14 +233,19 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             if options.intra_op_threads:
                 set_parameters(config, {"intra_op_threads": str(options.intra_op_threads)})
             if spec.called_per_step:
-                config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+                config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us or 0
             for source in files:
                 place_file(source, version_dir / source.name)
         else:
-            configure_gpu_component(
+            limits = configure_gpu_component(
                 config, spec, dims, bundle / name, manifest["components"][name], version_dir, options
             )
+            if limits is not None:
+                size_limits.append(limits)
         limit_queue(config, options)
+        configs[name] = config
+    set_parameters(configs["unet"], {IMAGE_SIZES_PARAMETER: intersect_size_limits(size_limits)})
+    for name, config in configs.items():
         write_config(output / name, config)
 
     for name, entry_point in _PYTHON_MODELS.items():
@@ -295,12 +256,12 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         set_parameters(config, python_model_limits(name, options))
         limit_queue(config, options)
         write_config(output / name, config)
-    shutil.copytree(bundle / "tokenizer", output / "tokenizer" / "1" / "tokenizer")
-    clip_config = bundle / "image_processor" / "preprocessor_config.json"
+    shutil.copytree(bundle / layout.TOKENIZER_DIR, output / "tokenizer" / "1" / layout.TOKENIZER_DIR)
+    clip_config = bundle / layout.IMAGE_PROCESSOR_CONFIG
     if not clip_config.is_file():
         raise FileNotFoundError(f"{clip_config} not found: re-run `kandinsky-export onnx` (writes it)")
-    place_file(clip_config, output / "preprocess_clip_image" / "1" / "image_processor" / clip_config.name)
-    for constant in sorted((bundle / "prior_postprocess").glob("*.npy")):
+    place_file(clip_config, output / "preprocess_clip_image" / "1" / layout.IMAGE_PROCESSOR_CONFIG)
+    for constant in sorted((bundle / layout.CONSTANTS_DIR).glob("*.npy")):
         place_file(constant, output / "prior_postprocess" / "1" / constant.name)
 
     for spec in SERVED_MODELS.values():
@@ -309,9 +270,76 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             write_config(output / spec.name, ensemble_config(spec, dims, models))
             (output / spec.name / "1").mkdir(exist_ok=True)
     write_generation_model(output, dims, options)
+    write_repository_record(output, dims, options)
     names = sorted([*models, MODEL_NAME])
     logger.info("wrote %d models to %s", len(names), output)
     return names
+
+
+def write_repository_record(output: Path, dims: ModelDims, options: RepositoryOptions) -> None:
+    """`kandinsky_repository.json` at the repository's top (Triton reads only model folders): the format,
+    flavour and options it was generated with, and the /dev/shm its python-backend models may need."""
+    configs = {path.parent.name: read_config(path.parent) for path in output.glob("*/config.pbtxt")}
+    record = {
+        "repository_format": REPOSITORY_FORMAT,
+        "flavour": options.flavour,
+        "options": asdict(options),
+        "shared_memory_bytes": shared_memory_bytes(configs, dims, options.max_image_size),
+    }
+    layout.write_json(output / REPOSITORY_RECORD, record)
+
+
+def _tensor_bytes(tensor: TensorSpec, batch: int, dims: ModelDims, side: int) -> int:
+    symbols = {
+        **dims.as_symbols(),
+        "batch": batch,
+        "height": side,
+        "width": side,
+        "latent_height": side // dims.movq_scale_factor,
+        "latent_width": side // dims.movq_scale_factor,
+    }
+    shape = tensor.resolve(symbols, keep_dynamic=False)
+    itemsize = MAX_PROMPT_BYTES + 4 if tensor.dtype == "bytes" else np.dtype(tensor.dtype).itemsize
+    return math.prod(shape) * itemsize
+
+
+def largest_exchange_bytes(spec: ModelSpec, dims: ModelDims, max_image_size: int) -> int:
+    """Inputs plus outputs of the largest request `spec` takes (max batch, largest image sides).
+
+    Images for CLIP pre-processing may be MAX_INPUT_IMAGE_SIDE (its output is CLIP's fixed crop).
+    """
+    batch = spec.max_batch_size
+    in_side = MAX_INPUT_IMAGE_SIDE if spec.name == "preprocess_clip_image" else max_image_size
+    return sum(_tensor_bytes(t, batch, dims, in_side) for t in spec.inputs) + sum(
+        _tensor_bytes(t, batch, dims, max_image_size) for t in spec.outputs
+    )
+
+
+def shared_memory_bytes(configs: dict[str, mc.ModelConfig], dims: ModelDims, max_image_size: int) -> int:
+    """An upper bound of the /dev/shm the python backend uses for this repository.
+
+    Every python-backend model instance has its own shared-memory region, which starts at 1 MiB and grows
+    to the largest request it has seen (inputs and outputs travel through it). The bound: every instance
+    at its largest request. The `kandinsky` generation model holds the decoded float images of a request
+    (the MoVQ decoder's output, read over BLS) and its own image output of the same size.
+    """
+    registry: dict[str, ModelSpec] = {**COMPONENTS, **SERVED_MODELS}
+    total = 0
+    for name, config in configs.items():
+        if config.backend != "python":
+            continue
+        instances = sum(group.count or 1 for group in config.instance_group) or 1
+        if name == MODEL_NAME:
+            decoded = registry["movq_decoder"]
+            largest = 2 * sum(
+                _tensor_bytes(t, decoded.max_batch_size, dims, max_image_size) for t in decoded.outputs
+            )
+        elif name in registry:
+            largest = largest_exchange_bytes(registry[name], dims, max_image_size)
+        else:
+            continue
+        total += instances * (PYTHON_BACKEND_REGION_BYTES + largest)
+    return total
 
 
 def write_generation_model(output: Path, dims: ModelDims, options: RepositoryOptions) -> None:
@@ -328,8 +356,3 @@ def write_generation_model(output: Path, dims: ModelDims, options: RepositoryOpt
     )
     python_backend(config, output / MODEL_NAME / "1", GENERATION_ENTRY_POINT, options)
     write_config(output / MODEL_NAME, config)
-
-
-def read_config(model_dir: Path) -> mc.ModelConfig:
-    """Parse a generated config.pbtxt back into Triton's ModelConfig message."""
-    return text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), mc.ModelConfig())

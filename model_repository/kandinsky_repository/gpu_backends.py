@@ -8,10 +8,13 @@ GPU flavour adds:
   `--precision` to force one) on the CUDA execution provider; optionally ONNX Runtime's TensorRT
   execution accelerator, with the engine profile from the registry and an engine cache.
 - `tensorrt`: the engine built by `kandinsky-export engines`; the batch limit, the static shapes of a
-  static engine and the I/O types are checked against its sidecar. Static engines get CUDA graphs.
-- both: GPU instance groups, dynamic batching for the per-step models (prior, UNets), and a warm-up
-  request per model with the registry's input shapes, so the first client does not pay for CUDA
-  context set-up, cuDNN autotuning or engine deserialisation.
+  static engine and the I/O types are checked against its sidecar. Engines whose only dynamic axis is
+  the batch (static sizes, and the models without image axes) get CUDA graphs for every batch the
+  traffic has (`add_cuda_graphs`).
+- both: GPU instance groups, dynamic batching for the per-step models (prior, UNets), a warm-up request
+  per model at the profile's optimum (one image's rows), so the first client does not pay for CUDA
+  context set-up, cuDNN autotuning or engine deserialisation; and the image sizes each model accepts,
+  which the generator turns into the flavour-neutral `image_sizes` parameter the client reads.
 
 The python models (tokenizer, pre/post-processing) import `kandinsky_repository`: the Triton image must
 have this package installed (see docker/Dockerfile).
@@ -22,20 +25,35 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kandinsky_client.components import ComponentSpec, ModelDims, TensorSpec
+from kandinsky_client.components import DTYPES, ComponentSpec, ModelDims, TensorSpec
+from kandinsky_client.profiles import (
+    SPATIAL_SYMBOLS,
+    ProfileSettings,
+    engine_profile,
+    has_spatial_axes,
+    image_size_limits,
+    is_spatially_static,
+    profile_shapes_option,
+)
+from kandinsky_export.bundle import ENGINE_FILE, ONNX_FILE
 from tritonclient.grpc import model_config_pb2 as mc
 
-if TYPE_CHECKING:
-    from .generate import RepositoryOptions
+from .configs import RepositoryOptions, dtype_enum, place_file, set_parameters
 
-ENGINE_FILE = "model.plan"
-ONNX_FILE = "model.onnx"
-# TensorRT's names for the registry's dtypes, to check an engine's I/O against the config.
-_TENSORRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
-_WARMUP_SIZE = 768  # image side of the warm-up request when no engine profile says otherwise
+# Dynamic batching window of the per-step models on a GPU (microseconds): long enough for concurrent
+# generations' steps to meet, short against a UNet step (tens of milliseconds).
+GPU_MAX_QUEUE_DELAY_US = 2000
 _ORT_TRT_WORKSPACE = 8 * 2**30
+
+
+def ort_trt_cache_dir(repository: Path, options: RepositoryOptions) -> Path:
+    """ONNX Runtime's TensorRT engine cache: outside the repository, which is regenerated on every start."""
+    if options.ort_trt_cache_dir:
+        return Path(options.ort_trt_cache_dir)
+    repository = Path(repository).resolve()
+    return repository.with_name(f"{repository.name}.ort_trt_cache")
 
 
 def configure_gpu_component(
@@ -46,19 +64,27 @@ def configure_gpu_component(
     entry: Mapping[str, Any],
     version_dir: Path,
     options: RepositoryOptions,
-) -> None:
-    """Turn the registry's config of one network into its GPU flavour and place its model file."""
+) -> dict | None:
+    """Turn the registry's config of one network into its GPU flavour and place its model file.
+
+    Returns the image sizes this model accepts (`profiles.image_size_limits`), or None when it takes
+    every size up to the repository's maximum.
+    """
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=options.instances)
     if spec.called_per_step:
-        config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+        delay = GPU_MAX_QUEUE_DELAY_US if options.max_queue_delay_us is None else options.max_queue_delay_us
+        config.dynamic_batching.max_queue_delay_microseconds = delay
     if options.flavour == "onnxruntime":
-        shapes = _onnxruntime(config, spec, dims, Path(component_dir), entry, version_dir, options)
+        shapes, settings = _onnxruntime(config, spec, dims, Path(component_dir), entry, version_dir, options)
     elif options.flavour == "tensorrt":
-        shapes = _tensorrt(config, spec, dims, Path(component_dir), entry, version_dir, options)
+        shapes, settings = _tensorrt(config, spec, dims, Path(component_dir), entry, version_dir, options)
     else:
         raise ValueError(f"not a GPU flavour: {options.flavour}")
     if options.warmup:
         add_warmup(config, spec, shapes)
+    if settings is None or not has_spatial_axes(spec):
+        return None
+    return image_size_limits(dims.size_multiple, options.max_image_size, settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,23 +117,20 @@ def _onnxruntime(
     entry: Mapping[str, Any],
     version_dir: Path,
     options: RepositoryOptions,
-) -> dict[str, list[int]]:
-    from kandinsky_export.tensorrt_engine import engine_profile, profile_shapes_option
-
-    from .generate import place_file, set_parameters
-
+) -> tuple[dict[str, list[int]], ProfileSettings | None]:
     precision, files = select_variant(entry, options.precision)
     config.backend = "onnxruntime"
     config.default_model_filename = ONNX_FILE
     for relative in files:  # model.onnx (+ model.onnx_data), whichever folder the variant lives in
         place_file(component_dir / relative, version_dir / Path(relative).name)
     set_parameters(config, {"precision": precision})
-    profile = engine_profile(spec, dims, _default_profile_settings(options))
+    settings = ProfileSettings.for_max_size(options.max_image_size)
+    profile = engine_profile(spec, dims, settings)
     if options.ort_tensorrt:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
             name="tensorrt"
         )
-        cache = options.ort_trt_cache_dir or str((version_dir.parent / "trt_cache").resolve())
+        cache = str(ort_trt_cache_dir(version_dir.parent.parent, options) / spec.name)
         parameters = {
             "precision_mode": "FP16" if precision == "fp16" else "FP32",
             "max_workspace_size_bytes": str(_ORT_TRT_WORKSPACE),
@@ -120,21 +143,10 @@ def _onnxruntime(
             "trt_profile_max_shapes": profile_shapes_option(profile, "max"),
         }
         accelerator.parameters.update(parameters)
-    return {name: shapes["opt"] for name, shapes in profile.items()}
-
-
-def _default_profile_settings(options: RepositoryOptions) -> Any:
-    """Engine-profile settings for the onnxruntime flavour: up to the repository's largest image."""
-    from kandinsky_export.tensorrt_engine import ProfileSettings
-
-    defaults = ProfileSettings()
-    largest = options.max_image_size
-    return ProfileSettings(
-        min_size=min(defaults.min_size, largest),
-        opt_size=min(_WARMUP_SIZE, largest),
-        max_size=largest,
-        size_step=defaults.size_step,
-    )
+    # Without the accelerator the CUDA provider takes any size; the profile still gives the warm-up shapes.
+    return {
+        name: shapes["opt"] for name, shapes in profile.items()
+    }, settings if options.ort_tensorrt else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,9 +161,7 @@ def _tensorrt(
     entry: Mapping[str, Any],
     version_dir: Path,
     options: RepositoryOptions,
-) -> dict[str, list[int]]:
-    from .generate import place_file, set_parameters
-
+) -> tuple[dict[str, list[int]], ProfileSettings]:
     record = entry.get("tensorrt")
     engine = component_dir / record["engine"] if record else None
     if engine is None or not engine.is_file():
@@ -170,7 +180,8 @@ def _tensorrt(
     if static:
         _fix_dims(config.input, spec.inputs, static)
         _fix_dims(config.output, spec.outputs, static)
-        config.optimization.cuda.graphs = options.cuda_graphs
+    if options.cuda_graphs and is_spatially_static(profile):
+        add_cuda_graphs(config, spec, profile)
     set_parameters(
         config,
         {
@@ -179,7 +190,30 @@ def _tensorrt(
             "tensorrt_version": metadata["tensorrt_version"],
         },
     )
-    return {name: list(shapes["opt"]) for name, shapes in profile.items()}
+    settings = ProfileSettings.from_dict(metadata["profile"]["settings"])
+    return {name: list(shapes["opt"]) for name, shapes in profile.items()}, settings
+
+
+def add_cuda_graphs(
+    config: mc.ModelConfig, spec: ComponentSpec, profile: Mapping[str, Mapping[str, Sequence[int]]]
+) -> None:
+    """CUDA graphs for every batch the traffic has (`spec.batch_sizes()`), and preferred batch sizes to match.
+
+    Only for engines whose one dynamic axis is the batch (a static-size engine, or a model without image
+    axes: text encoder, image encoder, prior). Without `graph_spec`, Triton r25.01's TensorRT backend
+    captures batch 1, the preferred batch sizes and max_batch_size at the profile's optimum, and runs a
+    graph only on an exact match: guidance sends the UNet 2, 4, 6, 8 rows and the prior 2 .. 16. Each spec
+    gives every input's per-item shape (the engine's, static); the batch is prepended by the backend.
+    The dynamic batcher's preferred sizes are the same list, so the batches it forms have a graph.
+    """
+    config.optimization.cuda.graphs = True
+    for batch in spec.batch_sizes():
+        graph = config.optimization.cuda.graph_spec.add(batch_size=batch)
+        for tensor in spec.inputs:
+            graph.input[tensor.name].dim.extend(list(profile[tensor.name]["opt"][1:]))
+    if config.HasField("dynamic_batching"):
+        del config.dynamic_batching.preferred_batch_size[:]
+        config.dynamic_batching.preferred_batch_size.extend(spec.batch_sizes())
 
 
 def check_engine(spec: ComponentSpec, metadata: Mapping[str, Any]) -> None:
@@ -198,7 +232,7 @@ def check_engine(spec: ComponentSpec, metadata: Mapping[str, Any]) -> None:
     io_dtypes = metadata.get("io_dtypes", {})
     for tensor in (*spec.inputs, *spec.outputs):
         got = io_dtypes.get(tensor.name)
-        if got is not None and got != _TENSORRT_DTYPES[tensor.dtype]:
+        if got is not None and got != DTYPES[tensor.dtype].tensorrt:
             raise ValueError(
                 f"{spec.name}: engine tensor '{tensor.name}' is {got}, the registry says {tensor.dtype} "
                 "(TensorRT before 10 turns INT64 inputs into INT32: build with TensorRT 10 or later)"
@@ -213,7 +247,7 @@ def _static_symbols(
     for tensor in spec.inputs:
         shapes = profile[tensor.name]
         for axis, symbol in enumerate(tensor.shape):
-            if symbol in ("height", "width", "latent_height", "latent_width"):
+            if symbol in SPATIAL_SYMBOLS:
                 if shapes["min"][axis] != shapes["max"][axis]:
                     return {}
                 fixed[str(symbol)] = int(shapes["min"][axis])
@@ -250,8 +284,6 @@ def add_warmup(config: mc.ModelConfig, spec: ComponentSpec, shapes: Mapping[str,
     Floats are random; integer and boolean inputs are zeros (token 0, timestep 0 and an all-false
     mask are valid, while random integers could index outside the vocabulary).
     """
-    from .generate import dtype_enum
-
     batch = int(next(iter(shapes.values()))[0])
     warmup = config.model_warmup.add(name=f"{spec.name}_warmup", batch_size=batch, count=1)
     by_name = {message.name: message for message in config.input}

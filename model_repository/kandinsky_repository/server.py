@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,24 @@ from .settings import DEFAULTS
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"http": DEFAULTS.http_port, "grpc": DEFAULTS.grpc_port, "metrics": DEFAULTS.metrics_port}
+LOG_TAIL_LINES = 40  # of the Triton log, in the error when the server fails to start
+
+
+def default_log_file(http_port: int) -> Path:
+    """Where Triton's log goes unless told: a file per HTTP port under the temporary folder (writable in
+    the containers, whose root filesystem may be read-only), appended to across restarts."""
+    return Path(tempfile.gettempdir()) / "kandinsky22" / f"triton-{http_port}.log"
+
+
+def log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines written to `path` after byte `offset` (empty when there is none)."""
+    try:
+        with Path(path).open("rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass(frozen=True)
@@ -121,7 +140,8 @@ class TritonServer:
         self.admin_key = admin_key
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
-        self.log_file = log_file
+        self.log_file = Path(log_file) if log_file else default_log_file(http_port)
+        self._log_offset = 0  # where this start's lines begin in the log
         self.process: subprocess.Popen | None = None
         self.started_at: float | None = None  # time.time() of the last start
 
@@ -170,20 +190,28 @@ class TritonServer:
     def start(self) -> None:
         install = find_triton()
         env = {**os.environ, **install.env}
-        output = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - lives with the child
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        output = open(self.log_file, "ab")  # noqa: SIM115 - lives with the child
+        self._log_offset = output.tell()
         command = self.command(install)
         shown = [a.split(":", 1)[0] + ":<admin key>" if "restricted" in a else a for a in command]
-        logger.info("starting %s", " ".join(shown))
+        logger.info("starting %s (log: %s)", " ".join(shown), self.log_file)
         self.started_at = time.time()
-        self.process = subprocess.Popen(
-            command,
-            env=env,
-            stdout=output or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        if output:
+        try:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
             output.close()  # the child holds its own descriptor
+
+    def log_since_start(self) -> str:
+        """The end of what Triton logged since the last start, for error messages."""
+        tail = log_tail(self.log_file, self._log_offset)
+        return f"; the end of {self.log_file}:\n{tail}" if tail else f"; see {self.log_file}"
 
     def wait_ready(self, timeout: float = 180.0) -> list[str]:
         """Block until the server and every model of the repository are ready; return the model names."""
@@ -198,7 +226,7 @@ class TritonServer:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(
                         f"tritonserver exited with code {self.process.returncode} while loading models"
-                        + (f"; see {self.log_file}" if self.log_file else "")
+                        + self.log_since_start()
                     )
                 try:
                     if client.is_server_live():
@@ -210,7 +238,7 @@ class TritonServer:
                 time.sleep(0.25)
         finally:
             client.close()  # an open keep-alive connection would hold up the server's shutdown
-        raise TimeoutError(f"models not ready after {timeout:.0f}s: {pending}")
+        raise TimeoutError(f"models not ready after {timeout:.0f}s: {pending}{self.log_since_start()}")
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group (server and python stubs), SIGKILL what is left after `timeout`
@@ -269,7 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gateway", action="store_true", help="serve through nginx (see kandinsky-gateway)")
     add_gateway_arguments(parser)
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
-    parser.add_argument("--log-file", type=Path, help="server log (default: discarded)")
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        help="Triton's log (default: <temporary folder>/kandinsky22/triton-<http port>.log; its end is "
+        "printed when Triton fails to start)",
+    )
     parser.add_argument(
         "--ready-timeout", type=float, default=DEFAULTS.ready_timeout_s, help="seconds to wait for models"
     )

@@ -39,7 +39,7 @@ class Defaults:
 
     # -- repository: bounded queues ----------------------------------------------------------------------
     # Requests waiting per model; more are refused at once (UNAVAILABLE, retryable). Bounds what queued
-    # inputs can hold: at the largest request (96 MiB of images) 32 waiting requests hold ~3 GiB.
+    # inputs can hold: at the largest request (64 MiB of images) 32 waiting requests hold ~2 GiB.
     max_queue_size: int = 32
 
     # -- server-side generation (the `kandinsky` model) ------------------------------------------------------

@@ -158,14 +158,16 @@ class Supervisor:
             if returncode is not None:
                 raise RuntimeError(
                     f"tritonserver exited with code {returncode} while loading models"
-                    + (f"; see {self.server.log_file}" if self.server.log_file else "")
+                    + self.server.log_since_start()
                 )
             self._scan_stubs()
             report = self._deep_readiness()
             if report.ready:
                 return repository_models(self.server.repository)
             self._stop.wait(0.25)
-        raise TimeoutError(f"not ready after {timeout:.0f}s: {'; '.join(report.problems)}")
+        raise TimeoutError(
+            f"not ready after {timeout:.0f}s: {'; '.join(report.problems)}{self.server.log_since_start()}"
+        )
 
     # -- the loop ---------------------------------------------------------------------------------------
 

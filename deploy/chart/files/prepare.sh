@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepare Job: checkpoint -> ONNX bundle -> FP16 -> TensorRT engines -> model repository, once per
-# checkpoint key and GPU model, into $KANDINSKY_VOLUME/$KANDINSKY_KEY/<gpu model>/ (docker/entrypoint.sh
-# steps 1-4, which skip what is already done). Serving pods wait for the READY marker written last and
+# checkpoint key and GPU model, into $KANDINSKY_VOLUME/$KANDINSKY_KEY/<gpu model>/ (`kandinsky-entrypoint
+# prepare` of docker/entrypoint.sh, which checks the settings first and skips what is already done). Serving pods wait for the READY marker written last and
 # never write to the volume. A second Job for the same folder waits for the first (flock).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -28,7 +28,7 @@ for variable in KANDINSKY_PRIOR_REVISION KANDINSKY_DECODER_REVISION KANDINSKY_DE
 done
 
 log "preparing ${dir} (GPU ${gpu}; key ${KANDINSKY_KEY})"
-KANDINSKY_DATA="${dir}" kandinsky-entrypoint true
+KANDINSKY_DATA="${dir}" kandinsky-entrypoint prepare
 test -f "${dir}/model_repository/unet/config.pbtxt" || { log "no repository was written in ${dir}"; exit 1; }
 date -u +"prepared %Y-%m-%dT%H:%M:%SZ on ${gpu}" > "${dir}/READY.partial"
 mv "${dir}/READY.partial" "${dir}/READY"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kandinsky_client.components import DTYPES
 
 logger = logging.getLogger("kandinsky_repository")
 
@@ -157,15 +158,8 @@ def _cancelled_response(pb_utils: Any, model: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
-_TRITON_TO_NUMPY = {
-    "TYPE_FP32": np.float32,
-    "TYPE_FP16": np.float16,
-    "TYPE_INT64": np.int64,
-    "TYPE_INT32": np.int32,
-    "TYPE_BOOL": np.bool_,
-    "TYPE_UINT8": np.uint8,
-    "TYPE_STRING": np.object_,
-}
+# Triton's config dtypes as numpy's, from the registry's one dtype table.
+_TRITON_TO_NUMPY = {d.triton: np.dtype(np.object_ if d.name == "bytes" else d.name) for d in DTYPES.values()}
 
 
 def require_finite(name: str, value: np.ndarray) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from kandinsky_client.components import MAX_IMAGE_SIZE
 
 from .base import BatchingModel, InvalidInput, require_finite, require_side
 
 # Used when a repository's config has no limit parameter (written by an older generator).
-DEFAULT_MAX_IMAGE_SIZE = 1024
+DEFAULT_MAX_IMAGE_SIZE = MAX_IMAGE_SIZE
 
 
 def to_uint8_rgb(image: np.ndarray) -> np.ndarray:

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kandinsky_client.components import MAX_INPUT_IMAGE_SIDE
+from kandinsky_client.components import MAX_IMAGE_SIZE, MAX_INPUT_IMAGE_SIDE
+from kandinsky_export.bundle import IMAGE_PROCESSOR_CONFIG
 from PIL import Image
 
 from .base import BatchingModel, InvalidInput, require_side
 
 # Used when a repository's config has no limit parameter (written by an older generator).
-DEFAULT_MAX_IMAGE_SIZE = 1024
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+DEFAULT_MAX_IMAGE_SIZE = MAX_IMAGE_SIZE
 
 # transformers' CLIPImageProcessorPil class defaults, for keys a checkpoint's config leaves out.
 _CLIP_DEFAULTS: dict[str, Any] = {
@@ -168,7 +168,7 @@ def require_image(name: str, shape: Sequence[int], max_side: int) -> None:
 
 class PreprocessClipImage(BatchingModel):
     def setup(self, parameters: Mapping[str, str]) -> None:
-        path = self.version_dir / "image_processor" / IMAGE_PROCESSOR_CONFIG
+        path = self.version_dir / IMAGE_PROCESSOR_CONFIG  # placed there by the generator
         self.settings = ClipPreprocessing.from_file(path)
         self.max_side = int(parameters.get("max_input_side", MAX_INPUT_IMAGE_SIDE))
 
