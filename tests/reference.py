@@ -17,6 +17,8 @@ _RANDN_MODULES = [
     "diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_img2img",
     "diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting",
     "diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_prior_emb2emb",
+    "diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_controlnet",
+    "diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_controlnet_img2img",
     "diffusers.schedulers.scheduling_unclip",
     "diffusers.schedulers.scheduling_ddpm",
     "diffusers.schedulers.scheduling_euler_ancestral_discrete",
@@ -358,6 +360,117 @@ def inpaint(
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="np",
+        ).images
+        return images, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy()
+
+    return _run(work)
+
+
+def load_controlnet(root: Path):
+    from diffusers import KandinskyV22ControlnetPipeline
+
+    return _quiet(KandinskyV22ControlnetPipeline.from_pretrained(root / "controlnet"))
+
+
+def load_controlnet_img2img(root: Path):
+    from diffusers import KandinskyV22ControlnetImg2ImgPipeline
+
+    return _quiet(KandinskyV22ControlnetImg2ImgPipeline.from_pretrained(root / "controlnet"))
+
+
+def make_hint(depth) -> torch.Tensor:
+    """The hint tensor [1, 3, H, W] as the ControlNet pipelines' documented `make_hint` builds it from a
+    depth image (grayscale replicated to 3 channels, / 255); an RGB image keeps its channels."""
+    image = np.array(depth)
+    if image.ndim == 2:
+        image = image[:, :, None]
+        image = np.concatenate([image, image, image], axis=2)
+    detected_map = torch.from_numpy(image).float() / 255.0
+    return detected_map.permute(2, 0, 1).unsqueeze(0)
+
+
+def controlnet(
+    prior,
+    pipe,
+    *,
+    hint,
+    prompt,
+    height,
+    width,
+    prior_num_inference_steps,
+    num_inference_steps,
+    negative_prompt=None,
+    num_images_per_prompt=1,
+    seed=0,
+):
+    """KandinskyV22PriorPipeline followed by KandinskyV22ControlnetPipeline; the hint repeated over the
+    prior's batch (the pipeline needs one hint per embedding)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        embeds = prior(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=prior_num_inference_steps,
+            generator=generator,
+        )
+        batch = len(embeds.image_embeds)
+        images = pipe(
+            image_embeds=embeds.image_embeds,
+            negative_image_embeds=embeds.negative_image_embeds,
+            hint=make_hint(hint).repeat(batch, 1, 1, 1),
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="np",
+        ).images
+        return images, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy()
+
+    return _run(work)
+
+
+def controlnet_image_to_image(
+    prior,
+    pipe,
+    *,
+    image,
+    hint,
+    prompt,
+    strength,
+    height,
+    width,
+    prior_num_inference_steps,
+    num_inference_steps,
+    negative_prompt=None,
+    num_images_per_prompt=1,
+    seed=0,
+):
+    """KandinskyV22PriorPipeline followed by KandinskyV22ControlnetImg2ImgPipeline. As in
+    `image_to_image`, (width, height) is passed for its (height, width) resize (the same swap in 0.42.1)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def work():
+        embeds = prior(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=prior_num_inference_steps,
+            generator=generator,
+        )
+        batch = len(embeds.image_embeds)
+        images = pipe(
+            image_embeds=embeds.image_embeds,
+            image=image,
+            negative_image_embeds=embeds.negative_image_embeds,
+            hint=make_hint(hint).repeat(batch, 1, 1, 1),
+            height=width,
+            width=height,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
             generator=generator,
             output_type="np",
         ).images

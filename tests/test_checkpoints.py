@@ -76,3 +76,24 @@ def test_every_preset_has_consistent_widths():
             == preset.text_encoder["projection_dim"]
         )
         assert preset.image_encoder["projection_dim"] == prior["embedding_dim"]
+
+
+def test_the_preset_vocabulary_is_the_same_in_every_process():
+    """The same preset must give the same token ids (and so the same numbers downstream) on every run.
+
+    The `tokenizers` BPE trainer broke ties between equally frequent pairs differently per process, so
+    two runs of the same preset learned different merges (and tests that depend on a run's numbers, like
+    the FP16 verdicts, changed between sessions).
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from kandinsky_export.tokenizer import learn_clip_vocabulary; "
+        "print(json.dumps(learn_clip_vocabulary(300), sort_keys=True))"
+    )
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(3)
+    }
+    assert len(runs) == 1

@@ -328,7 +328,7 @@ def test_a_new_checkpoint_revision_is_a_new_key_job_and_rolling_update(default):
 
 def _stand_ins(folder: Path) -> Path:
     """kandinsky-entrypoint (writes a repository), kandinsky-serve/-gateway (print their arguments),
-    kandinsky-export (no --revision, like today's)."""
+    kandinsky-export (without --prior-revision: an image from before issue 12)."""
     folder.mkdir()
     scripts = {
         "kandinsky-entrypoint": 'mkdir -p "$KANDINSKY_DATA/model_repository/unet"; '
@@ -372,7 +372,7 @@ def test_the_scripts_prepare_once_and_serve_the_folder_of_the_key_and_gpu(defaul
     assert first.returncode == 0, first.stderr
     folder = volume / "0123456789abcdef" / "NVIDIA-H100-80GB-HBM3"
     assert (folder / "READY").is_file() and (folder / "model_repository" / "unet" / "config.pbtxt").is_file()
-    assert "has no --revision" in first.stderr  # pinned revisions wait for issue 12, and it says so
+    assert "has no --prior-revision" in first.stderr  # an old image ignores pinned revisions, and says so
     assert json.loads((volume / "0123456789abcdef" / "source.json").read_text()) == {"checkpoint": {}}
     second = run("prepare.sh")
     assert second.returncode == 0 and "already prepared" in second.stderr

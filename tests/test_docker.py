@@ -262,3 +262,34 @@ def test_compose_prepares_once_then_serves_and_passes_every_setting() -> None:
 def test_the_chart_prepares_through_the_same_entrypoint_mode() -> None:
     text = (ROOT / "deploy" / "chart" / "files" / "prepare.sh").read_text()
     assert "kandinsky-entrypoint prepare" in text
+
+
+def test_pinned_revisions_reach_the_export_and_a_new_revision_exports_again(container) -> None:
+    """Issue 12: KANDINSKY_*_REVISION become --*-revision; a bundle whose manifest records other sources
+    or revisions is exported again, one that records these is not."""
+    run, calls, data = container
+    revisions = {"KANDINSKY_PRIOR_REVISION": "1" * 40, "KANDINSKY_DECODER_INPAINT_REVISION": "2" * 40}
+    first = run("prepare", **revisions)
+    assert first.returncode == 0, first.stderr
+    onnx = " ".join(next(c for c in calls() if c[:2] == ["kandinsky-export", "onnx"]))
+    assert f"--prior-revision {'1' * 40}" in onnx and f"--decoder-inpaint-revision {'2' * 40}" in onnx
+    assert "--decoder-revision" not in onnx  # unset: the default branch
+
+    recorded = {
+        "prior": "kandinsky-community/kandinsky-2-2-prior",
+        "decoder": "kandinsky-community/kandinsky-2-2-decoder",
+        "decoder_inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
+        "revisions": {"prior": "1" * 40, "decoder_inpaint": "2" * 40},
+    }
+    manifest = data / "bundle" / "manifest.json"
+    manifest.write_text(json.dumps({"checkpoint": recorded}))
+    assert run("prepare", **revisions).returncode == 0
+    assert [c[:2] for c in calls()].count(["kandinsky-export", "onnx"]) == 1  # same revisions: kept
+
+    manifest.write_text(json.dumps({"checkpoint": {**recorded, "revisions": {"prior": "3" * 40}}}))
+    again = run("prepare", **revisions)
+    assert again.returncode == 0, again.stderr
+    assert [c[:2] for c in calls()].count(
+        ["kandinsky-export", "onnx"]
+    ) == 2  # other revisions: exported again
+    assert "exported from" in again.stderr

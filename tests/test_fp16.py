@@ -358,9 +358,11 @@ def test_the_check_inputs_are_what_each_component_gets(tiny_bundle) -> None:
     np.testing.assert_array_equal(run.calls["movq_decoder"][0]["latents"], latents)
     unet = calibration.check_inputs(run, "unet")
     assert len(unet["sample"]) == 3 * 2  # first, middle and last step, [uncond, cond] each
-    # the same run whatever is checked: the encoders on the generated image, the inpainting UNet on it
-    assert {"image_encoder", "movq_encoder", "unet_inpaint"} <= set(run.calls)
-    assert len(run.calls["movq_decoder"]) == 2  # text-to-image and inpainting
+    # the same run whatever is checked: the encoders on the generated image, the inpainting and ControlNet
+    # UNets on it (its luminance as the depth hint)
+    assert {"image_encoder", "movq_encoder", "unet_inpaint", "unet_controlnet"} <= set(run.calls)
+    assert len(run.calls["movq_decoder"]) == 2  # text-to-image and inpainting (ControlNet's not decoded)
+    assert run.calls["unet_controlnet"][0]["hint"].shape == (2, 3, *CHECK_SIZE)
 
 
 def test_an_untyped_tensor_is_an_error() -> None:

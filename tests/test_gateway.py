@@ -344,7 +344,7 @@ def test_body_cap(nginx_with_njs, triton_server, tiny_repository):
 def test_gateway_command_renders_its_config(nginx_with_njs, tiny_repository, tmp_path, monkeypatch):
     """`kandinsky-gateway --write-config` (other deployments reuse it); limits computed from the registry."""
     from kandinsky_repository.gateway import main as gateway_main
-    from kandinsky_repository.gateway_limits import request_limits
+    from kandinsky_repository.gateway_limits import read_configs, request_limits
 
     monkeypatch.setenv("KANDINSKY_GATEWAY_TOKEN", TOKEN)
     monkeypatch.setenv("KANDINSKY_ADMIN_KEY", TEST_ADMIN_KEY)
@@ -356,11 +356,16 @@ def test_gateway_command_renders_its_config(nginx_with_njs, tiny_repository, tmp
     assert TOKEN in conf and (out / "nginx.conf").stat().st_mode & 0o077 == 0, "secrets: owner-only file"
     limits = request_limits(tiny_repository)
     assert f"client_max_body_size {limits.max_body_bytes};" in conf
-    from kandinsky_client.components import MAX_INPUT_IMAGE_SIDE, PREPROCESS_CLIP_IMAGE
+    from kandinsky_client.components import MAX_INPUT_IMAGE_SIDE, PREPROCESS_CLIP_IMAGE, UNET_CONTROLNET
 
     clip_batch = PREPROCESS_CLIP_IMAGE.max_batch_size * MAX_INPUT_IMAGE_SIDE**2 * 3
     assert limits.max_body_bytes >= clip_batch, "a full batch of MAX_INPUT_IMAGE_SIDE images for CLIP fits"
-    assert any(m in limits.reason for m in ("encode_image", "preprocess_clip_image", "base64 images"))
+    # The tiny repository serves the ControlNet UNet, whose full batch of float32 hints is the largest request.
+    hint_batch = UNET_CONTROLNET.max_batch_size * 3 * 1024 * 1024 * 4
+    assert limits.max_body_bytes >= hint_batch and "unet_controlnet at batch 8" in limits.reason
+    configs = read_configs(tiny_repository)
+    del configs["unet_controlnet"]  # without it: the CLIP images, as base64 in a generate body
+    assert "base64 images" in request_limits(tiny_repository, configs).reason
     assert limits.json_max_elements == 1024 * 1024 * 3
     assert limits.json_max_text_bytes == 16 * limits.json_max_elements + 2**20
 

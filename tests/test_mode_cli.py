@@ -29,6 +29,7 @@ def files(tmp_path_factory):
     picture(64, 64, seed=1).save(folder / "photo.jpg", quality=95)
     picture(48, 40, seed=2).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
     mask(64, 64, (8, 16, 40, 56)).save(folder / "mask.png")
+    picture(64, 128, seed=3).convert("L").save(folder / "depth.png")  # a ControlNet hint, 128x64
     return folder
 
 
@@ -51,6 +52,13 @@ MODES = [
     pytest.param(
         ["outpaint", "{palette}", "a beach", "--left", "24", "--top", "16"], 1, (64, 64), id="outpaint"
     ),
+    pytest.param(["controlnet", "{depth}", "a robot"], 1, (128, 64), id="controlnet"),  # the hint's size
+    pytest.param(
+        ["controlnet-img2img", "{photo}", "{depth}", "a robot", "--strength", "0.5"],
+        1,
+        (128, 64),
+        id="controlnet-img2img",
+    ),
 ]
 
 
@@ -58,7 +66,8 @@ MODES = [
 def test_mode_subcommand_writes_images(triton_server, files, tmp_path, args, count, size):
     sizes = SMALL if args[0] in ("variations", "fuse", "emb2emb") else []
     flags = DECODER_FAST if args[0] == "variations" else PRIOR_FAST
-    paths = {"photo": files / "photo.jpg", "palette": files / "palette.png", "mask": files / "mask.png"}
+    paths = {name: files / f"{name}.png" for name in ("palette", "mask", "depth")}
+    paths["photo"] = files / "photo.jpg"
     args = [a.format(**paths) for a in args]
     output = tmp_path / "result.png"
     result = _client(*args, *sizes, *flags, "--output", str(output), "--url", triton_server.grpc_url)
@@ -85,6 +94,10 @@ def test_mode_subcommand_writes_images(triton_server, files, tmp_path, args, cou
             "left, right: image width 64 + left 0 + right 2000",
         ),
         (["variations", "{empty}"], "empty.png' is empty (0 bytes)"),
+        (
+            ["controlnet", "{photo}", "x", "--width", "128"],
+            "hint: is 64x64 pixels (width x height); it must have the output's size 128x64",
+        ),
     ],
 )
 def test_mode_subcommand_reports_bad_input(triton_server, files, tmp_path, args, message):

@@ -519,3 +519,27 @@ def test_the_repository_records_its_format_and_the_shared_memory_it_needs(reposi
 def test_a_max_image_size_off_the_checkpoint_grid_is_refused(gpu_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a positive multiple of 64"):
         _generate(gpu_bundle, tmp_path / "repo", max_image_size=1000)
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "onnxruntime", "tensorrt"])
+def test_queue_policies_leave_the_per_step_models_prefetching(repositories: dict, flavour: str) -> None:
+    """Any `default_queue_policy` turns off Triton's batch prefetching: with one busy instance, each
+    sequential denoising step then waited 25-75 ms in the queue (CPU flavour, docs/benchmarks.md). The
+    per-step models get none; every other queued model is bounded, and its default timeout is set so
+    that a client's shorter per-request timeout applies (Triton ignores overrides above the default)."""
+    repository = repositories[flavour]
+    options = RepositoryOptions()
+    checked_bounded = 0
+    for path in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
+        config = read_config(path)
+        spec = COMPONENTS.get(config.name)
+        if spec is not None and spec.called_per_step:
+            assert config.HasField("dynamic_batching"), config.name
+            assert not config.dynamic_batching.HasField("default_queue_policy"), config.name
+        elif config.HasField("dynamic_batching"):
+            policy = config.dynamic_batching.default_queue_policy
+            assert policy.max_queue_size == options.max_queue_size, config.name
+            assert policy.allow_timeout_override, config.name
+            assert policy.default_timeout_microseconds == int(options.max_generation_seconds * 1e6)
+            checked_bounded += 1
+    assert checked_bounded >= 4  # the python models at least (tokenizer, pre/post-processing)

@@ -39,6 +39,7 @@ from .reference import mask, picture
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 3}
 PROMPTED = {**SMALL, "prior_num_inference_steps": 3}
 IMAGE = picture(40, 48, seed=11)
+HINT = picture(64, 64, seed=12).convert("L")  # a depth map at the output size (SMALL's)
 MODE_CASES = [
     pytest.param(
         "text_to_image", {"prompt": ["a cat", "a dog"], "negative_prompt": "blurry", **PROMPTED}, id="t2i"
@@ -92,6 +93,12 @@ MODE_CASES = [
         },
         id="img2img-euler-ancestral",
     ),
+    pytest.param("controlnet", {"prompt": "a robot", "hint": HINT, **PROMPTED}, id="controlnet"),
+    pytest.param(
+        "controlnet_image_to_image",
+        {"image": IMAGE, "hint": HINT, "prompt": "a robot", "strength": 0.7, **PROMPTED},
+        id="controlnet-img2img",
+    ),
 ]
 
 
@@ -143,7 +150,7 @@ def test_server_loop_equals_client_loop_for_every_mode(
         np.testing.assert_allclose(
             got.negative_image_embeds, expected.negative_image_embeds, rtol=1e-5, atol=1e-6
         )
-        assert {"decoder", "decode_image", "total", "request"} <= set(got.timings)
+        assert {"decoder", "decoder_scheduler", "decode_image", "total", "request"} <= set(got.timings)
     assert _pixels(expected).std() > 5, "a vacuous comparison must not pass"
 
     # One progress response per step, in order, with the client loop's timesteps.
@@ -212,6 +219,9 @@ BAD_FIELDS = [
     ({"prompt": "x", "scheduler": "LMSDiscreteScheduler"}, "scheduler"),
     ({"prompt": "x", "scheduler": "DDIMScheduler", "scheduler_config": {"eta": 0.5}}, "scheduler_config.eta"),
     ({"prompt": "x", "output_type": "pt"}, "output_type"),
+    ({"mode": "controlnet", "prompt": "x", "hint": HINT, "height": 128}, "hint"),  # not the output's size
+    ({"mode": "controlnet", "prompt": "x", "hint": HINT.convert("LA")}, "hint"),  # 2 channels
+    ({"mode": "controlnet", "prompt": "x", "hint": b"\x89PNG not really"}, "hint"),
 ]
 
 

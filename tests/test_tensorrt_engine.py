@@ -52,6 +52,7 @@ ROWS_PER_IMAGE = {
     "prior": (4, 2),
     "unet": (2, 2),  # [uncond, cond]
     "unet_inpaint": (2, 2),
+    "unet_controlnet": (2, 2),
     "image_encoder": (1, 1),
     "movq_encoder": (1, 1),
     "movq_decoder": (1, 1),

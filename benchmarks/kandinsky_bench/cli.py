@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         from .failover import main as failover_main
 
         return failover_main(arguments[1:])
+    if arguments[:1] == ["schedulers"]:  # `kandinsky-bench schedulers ...`: scheduler vs model time per step
+        from .schedulers import main as schedulers_main
+
+        return schedulers_main(arguments[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)

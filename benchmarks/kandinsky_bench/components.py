@@ -22,7 +22,7 @@ from .timing import time_alternating
 logger = logging.getLogger(__name__)
 
 # Components whose batch is doubled by classifier-free guidance in text-to-image.
-CFG_COMPONENTS = frozenset({"text_encoder", "prior", "unet", "unet_inpaint"})
+CFG_COMPONENTS = frozenset({"text_encoder", "prior", "unet", "unet_inpaint", "unet_controlnet"})
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 

@@ -37,7 +37,6 @@ import logging
 import math
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -52,12 +51,12 @@ import numpy as np
 from kandinsky_client.pipeline import KandinskyClient
 from kandinsky_client.retry import RetryPolicy
 
+from .served import add_subcommand_arguments
 from .stats import summarize
 
 logger = logging.getLogger(__name__)
 
 PROMPT = "a red fox in the snow"
-LOOPS = ("client", "server")
 
 
 # -- replicas behind the gateway ----------------------------------------------------------------------
@@ -451,31 +450,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _machine_line() -> str:
-    from .machine import cpu_model
-
-    cores = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
-    return f"{cpu_model()}, {cores} cores"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kandinsky-bench failover",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--artifacts", type=Path, help="default: artifacts/<preset>")
+    add_subcommand_arguments(parser, size=64, num_inference_steps=20)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--generations", type=int, default=5, help="per client")
-    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--prior-num-inference-steps", type=int, default=2)
-    parser.add_argument("--num-inference-steps", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.replicas < 2:
         parser.error("--replicas must be at least 2 (one is killed)")
@@ -491,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     from kandinsky_repository.generate import RepositoryOptions
 
     from .artifacts import ensure_artifacts
+    from .machine import machine_line
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -517,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += [reference.counts(), failed.counts(reference)]
     command = "kandinsky-bench failover " + shlex.join(sys.argv[2:] if argv is None else argv)
     print(
-        f"{command}\n{started}; {_machine_line()}; {args.replicas} replicas behind the gateway; "
+        f"{command}\n{started}; {machine_line()}; {args.replicas} replicas behind the gateway; "
         f"{args.clients} clients x {args.generations} generations per run, {args.height}x{args.width}, "
         f"{args.prior_num_inference_steps} prior + {args.num_inference_steps} decoder steps, "
         f"{args.protocol}\n"

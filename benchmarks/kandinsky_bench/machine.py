@@ -35,6 +35,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine_line() -> str:
+    """One line for a printed table's header: CPU model, cores and the load of the moment."""
+    load = ", ".join(f"{x:.1f}" for x in load_average())
+    return f"{cpu_model()}, {os.cpu_count()} cores, load {load}"
+
+
 def memory_gib() -> float:
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():

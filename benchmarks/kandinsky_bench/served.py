@@ -15,6 +15,7 @@ model execution served (dynamic batching).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kandinsky_client.components import SERVED_MODELS
@@ -102,6 +104,19 @@ class Request:
             "prior_guidance_scale": prior_guidance,
             "guidance_scale": self.guidance_scale,
         }
+
+
+def add_subcommand_arguments(parser: argparse.ArgumentParser, *, size: int, num_inference_steps: int) -> None:
+    """What every `kandinsky-bench <subcommand>` asks: the model, the loops and protocol, one request's shape."""
+    parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    parser.add_argument("--artifacts", type=Path, help="default: artifacts/<preset>")
+    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--height", type=int, default=size)
+    parser.add_argument("--width", type=int, default=size)
+    parser.add_argument("--prior-num-inference-steps", type=int, default=2)
+    parser.add_argument("--num-inference-steps", type=int, default=num_inference_steps)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
 
 
 def server_version(url: str, protocol: str) -> str:

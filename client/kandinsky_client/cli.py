@@ -10,11 +10,14 @@
     kandinsky-client emb2emb photo.png "a watercolor painting" --strength 0.5 --output embedded.png
     kandinsky-client inpaint photo.png mask.png "a red hat" --output hat.png
     kandinsky-client outpaint photo.png "a wide beach" --left 128 --right 128 --output wide.png
+    kandinsky-client controlnet depth.png "a robot, 4k photo" --output robot.png
+    kandinsky-client controlnet-img2img photo.png depth.png "a robot" --strength 0.5 --output robot.png
 
 Options are the request fields with dashes (`--num-inference-steps` is `num_inference_steps`); their
 defaults are the request's (see `kandinsky_client.request`). Input images may be any format Pillow reads;
 they are converted to RGB (transparency onto white). Masks: white = repaint, black = keep, the image's
-size. In `fuse`, an item starting with "@" is an image file, any other item a prompt.
+size. In `fuse`, an item starting with "@" is an image file, any other item a prompt. ControlNet hints:
+a depth map (grayscale or RGB, bright = near) at the output size, which defaults to the hint's.
 
 Argument parsing only: the work is done by `KandinskyClient`.
 """
@@ -34,6 +37,8 @@ from .errors import InvalidRequest, KandinskyClientError
 from .generation import Generation
 from .pipeline import LOOPS, KandinskyClient
 from .request import (
+    CONTROLNET,
+    CONTROLNET_IMAGE_TO_IMAGE,
     EMB2EMB,
     FUSE,
     IMAGE_TO_IMAGE,
@@ -62,11 +67,18 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "repaint the white part of a mask following a prompt",
     ),
     "outpaint": (OUTPAINT, ("image", "prompt"), "extend an image on any side following a prompt"),
+    "controlnet": (CONTROLNET, ("hint", "prompt"), "text-to-image following a depth map (ControlNet)"),
+    "controlnet-img2img": (
+        CONTROLNET_IMAGE_TO_IMAGE,
+        ("image", "hint", "prompt"),
+        "redraw an image following a prompt and a depth map (ControlNet)",
+    ),
 }
 _POSITIONAL_HELP = {
     "prompt": "what the image should show",
     "image": "input image file",
     "mask_image": "mask file of the image's size: white = repaint, black = keep",
+    "hint": "depth map file (grayscale or RGB, bright = near) at the output size",
     "images_and_prompts": 'prompts, and image files written "@path"',
 }
 _ARG_TYPES = {"int": int, "float": float, "string": str, "strings": str, "image": Path, "json": str}

@@ -165,7 +165,7 @@ class ModelSpec:
 class ComponentSpec(ModelSpec):
     """One network exported to ONNX and served as one Triton model."""
 
-    checkpoint: str  # which checkpoint folder holds it: "prior", "decoder" or "decoder_inpaint"
+    checkpoint: str  # which checkpoint part holds it: "prior", "decoder", "decoder_inpaint", "controlnet"
     called_per_step: bool = False  # evaluated once per denoising step: worth dynamic batching
     optional: bool = False  # exported only when its checkpoint is present
 
@@ -248,6 +248,25 @@ UNET_INPAINT = ComponentSpec(
     optional=True,
 )
 
+UNET_CONTROLNET = ComponentSpec(
+    name="unet_controlnet",
+    checkpoint="controlnet",
+    description=(
+        "ControlNet-depth UNet (addition_embed_type image_hint): the hint, a depth map in [0, 1] at the "
+        "image size, is embedded inside the graph and concatenated to the latents."
+    ),
+    inputs=(
+        _latent("sample", "latent_channels"),
+        TensorSpec("timestep", "int64", (BATCH,)),
+        TensorSpec("image_embeds", "float32", (BATCH, "embed_dim")),
+        TensorSpec("hint", "float32", (BATCH, 3, "height", "width")),
+    ),
+    outputs=(_latent("noise_pred", "unet_out_channels"),),
+    **_GUIDED,
+    called_per_step=True,
+    optional=True,
+)
+
 MOVQ_ENCODER = ComponentSpec(
     name="movq_encoder",
     checkpoint="decoder",
@@ -267,7 +286,17 @@ MOVQ_DECODER = ComponentSpec(
 )
 
 COMPONENTS: dict[str, ComponentSpec] = {
-    c.name: c for c in (TEXT_ENCODER, IMAGE_ENCODER, PRIOR, UNET, UNET_INPAINT, MOVQ_ENCODER, MOVQ_DECODER)
+    c.name: c
+    for c in (
+        TEXT_ENCODER,
+        IMAGE_ENCODER,
+        PRIOR,
+        UNET,
+        UNET_INPAINT,
+        UNET_CONTROLNET,
+        MOVQ_ENCODER,
+        MOVQ_DECODER,
+    )
 }
 
 

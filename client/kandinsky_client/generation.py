@@ -21,14 +21,16 @@ input of a step and an optional blend after a step (`DecoderStart`). Each mode i
 | `emb2emb`        | KandinskyV22PriorEmb2EmbPipeline + KandinskyV22Pipeline                     |
 | `inpaint`        | KandinskyV22PriorPipeline + KandinskyV22InpaintPipeline                     |
 | `outpaint`       | `inpaint` on a larger canvas whose new area is the mask                     |
+| `controlnet`     | KandinskyV22PriorPipeline + KandinskyV22ControlnetPipeline                  |
+| `controlnet_image_to_image` | KandinskyV22PriorPipeline + KandinskyV22ControlnetImg2ImgPipeline |
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,9 +39,20 @@ from PIL import Image
 from . import components as registry
 from .components import MAX_INPUT_IMAGE_SIDE, ModelSpec
 from .errors import InvalidRequest
-from .images import fit_within, latent_keep_mask, outpaint_canvas, repaint_mask, resize_for_movq, rgb_array
+from .images import (
+    fit_within,
+    hint_array,
+    latent_keep_mask,
+    outpaint_canvas,
+    repaint_mask,
+    resize_for_movq,
+    rgb_array,
+)
 from .noise import NoiseSource, SeededNoise
 from .request import (
+    CONTROLNET,
+    CONTROLNET_IMAGE_TO_IMAGE,
+    DECODER_STRENGTH_MODES,
     EMB2EMB,
     FUSE,
     IMAGE_TO_IMAGE,
@@ -48,6 +61,7 @@ from .request import (
     TEXT_TO_IMAGE,
     VARIATIONS,
     GenerationRequest,
+    decoder_unet,
 )
 from .schedulers import (
     decoder_scheduler_from_config,
@@ -103,8 +117,13 @@ def decoder_scheduler(info: ServerInfo, request: GenerationRequest) -> Any:
 
     A scheduler object serves one loop (multistep schedulers keep state between steps).
     """
-    config = info.decoder_scheduler_config(request.mode in (INPAINT, OUTPAINT))
+    config = info.decoder_scheduler_config(decoder_unet(request.mode))
     return decoder_scheduler_from_config(config, request.scheduler, request.scheduler_config)
+
+
+def scheduler_stage(stage: str) -> str:
+    """The timings key of a loop's scheduler steps (inside the loop's own stage time)."""
+    return f"{stage}_scheduler"
 
 
 class _Run:
@@ -148,20 +167,23 @@ def denoise(
     pass_prev_timestep: bool = False,
     after_step: Callable[[np.ndarray, int], np.ndarray] | None = None,
     step_end: Callable[[int, int, np.ndarray], np.ndarray] | None = None,
+    timed_step: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> np.ndarray:
     """The one denoising loop: predict, scheduler step, optional blend, step callback, for every timestep.
 
     `pass_prev_timestep`: the UnCLIP scheduler is told the next timestep (None after the last), as
     KandinskyV22PriorPipeline does. `after_step(latents, i)` lets inpainting restore the known region.
-    `step_end(i, t, latents)` returns the latents the next step starts from.
+    `step_end(i, t, latents)` returns the latents the next step starts from. `timed_step()` wraps each
+    scheduler step (its own numpy time, reported next to the model time by the benchmarks).
     """
     for i, t in enumerate(timesteps):
         model_output = predict(latents, int(t))
-        if pass_prev_timestep:
-            prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
-            latents = scheduler.step(model_output, int(t), latents, noise, prev_timestep=prev)
-        else:
-            latents = scheduler.step(model_output, int(t), latents, noise)
+        with timed_step():
+            if pass_prev_timestep:
+                prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
+                latents = scheduler.step(model_output, int(t), latents, noise, prev_timestep=prev)
+            else:
+                latents = scheduler.step(model_output, int(t), latents, noise)
         if after_step is not None:
             latents = after_step(latents, i)
         if step_end is not None:
@@ -187,6 +209,8 @@ class DecoderStart:
     latents: np.ndarray
     extra_channels: Callable[[np.ndarray], np.ndarray] | None = None
     after_step: Callable[[np.ndarray, int], np.ndarray] | None = None
+    # Extra UNet inputs with one row that every row of the model batch shares (the ControlNet hint).
+    shared_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Generator:
@@ -232,7 +256,7 @@ class Generator:
             )[1]
         else:
             prior_steps = request.prior_num_inference_steps
-        if request.mode == IMAGE_TO_IMAGE:
+        if request.mode in DECODER_STRENGTH_MODES:
             decoder_steps = scheduler_strength_timesteps(
                 decoder, request.num_inference_steps, request.strength
             )[1]
@@ -303,6 +327,25 @@ class Generator:
         start = self.decoder_from_noise(request, len(image_embeds), run)
         return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
 
+    def _controlnet(self, request: GenerationRequest, run: _Run) -> _ModeResult:
+        """KandinskyV22ControlnetPipeline: text-to-image whose UNet also sees the hint."""
+        image_embeds, negative = self._prior_for(request, run)
+        start = self.with_hint(self.decoder_from_noise(request, len(image_embeds), run), request)
+        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
+
+    def _controlnet_image_to_image(self, request: GenerationRequest, run: _Run) -> _ModeResult:
+        """KandinskyV22ControlnetImg2ImgPipeline: image-to-image whose UNet also sees the hint."""
+        image_embeds, negative = self._prior_for(request, run)
+        picture = resize_for_movq(request.image, request.height, request.width)
+        start = self.decoder_from_image(request, len(image_embeds), self.encode_latents(picture, run), run)
+        start = self.with_hint(start, request)
+        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
+
+    @staticmethod
+    def with_hint(start: DecoderStart, request: GenerationRequest) -> DecoderStart:
+        """`start` on the ControlNet UNet, with the request's hint (checked to have the output's size)."""
+        return replace(start, spec=registry.UNET_CONTROLNET, shared_inputs={"hint": hint_array(request.hint)})
+
     MODES: dict[str, Callable[[Generator, GenerationRequest, _Run], _ModeResult]] = {
         TEXT_TO_IMAGE: _text_to_image,
         VARIATIONS: _variations,
@@ -311,6 +354,8 @@ class Generator:
         EMB2EMB: _emb2emb,
         INPAINT: _inpaint,
         OUTPAINT: _outpaint,
+        CONTROLNET: _controlnet,
+        CONTROLNET_IMAGE_TO_IMAGE: _controlnet_image_to_image,
     }
 
     # -- encoders --------------------------------------------------------------------------------
@@ -425,6 +470,7 @@ class Generator:
                 run.noise,
                 pass_prev_timestep=True,
                 step_end=lambda i, t, x: run.step_end(PRIOR_STAGE, i, t, x),
+                timed_step=lambda: run.timed(scheduler_stage(PRIOR_STAGE)),
             )
             return self.infer.infer(registry.PRIOR_POSTPROCESS, {"latents": latents})
 
@@ -612,6 +658,7 @@ class Generator:
                 run.noise,
                 after_step=start.after_step,
                 step_end=lambda i, t, x: run.step_end(DECODER_STAGE, i, t, x),
+                timed_step=lambda: run.timed(scheduler_stage(DECODER_STAGE)),
             )
 
     def _unet_predictor(
@@ -632,12 +679,17 @@ class Generator:
             model_input = np.concatenate([scaled, scaled]) if do_cfg else scaled
             if start.extra_channels is not None:
                 model_input = start.extra_channels(model_input)
+            shared = {  # diffusers repeats the hint over the batch and over [uncond, cond]
+                name: np.broadcast_to(value, (len(model_input), *value.shape[1:]))
+                for name, value in start.shared_inputs.items()
+            }
             out = self.infer.infer(
                 start.spec,
                 {
                     "sample": model_input,
                     "timestep": _timestep_batch(t, len(model_input)),
                     "image_embeds": embeds,
+                    **shared,
                 },
             )["noise_pred"]
             if do_cfg:

@@ -111,6 +111,40 @@ def load_image(value: Any, field: str = "image") -> Image.Image:
     return image
 
 
+# ControlNet hints: 8-bit grayscale or RGB, as a depth estimator writes them (transformers' depth-estimation
+# pipeline returns an "L" image). Alpha, 16-bit and other modes are refused: there is no single obvious
+# way to bring them to the [0, 1] the UNet was trained on.
+HINT_MODES = ("1", "L", "P", "RGB")
+
+
+def load_hint(value: Any, field: str = "hint") -> Image.Image:
+    """A ControlNet hint (a depth map) as an RGB PIL image; InvalidRequest naming `field` otherwise.
+
+    Grayscale is replicated to 3 channels, as diffusers' documented `make_hint` does with the depth map.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[-1] not in (1, 3):
+        raise InvalidRequest(
+            field, f"has shape {value.shape}: {value.shape[-1]} channels; a hint has 1 (grayscale) or 3 (RGB)"
+        )
+    image = _open(value, field)
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha or image.mode not in HINT_MODES:
+        what = "has an alpha channel" if has_alpha else f"has PIL mode {image.mode}"
+        raise InvalidRequest(
+            field,
+            f"{what}; a hint is a depth map as an 8-bit grayscale or RGB image "
+            "(e.g. the 'depth' image of transformers' depth-estimation pipeline)",
+        )
+    return load_image(image, field)
+
+
+def hint_array(hint: Image.Image) -> np.ndarray:
+    """An RGB hint as the float32 [1, 3, H, W] in [0, 1] the ControlNet UNet takes (pixel / 255, as in
+    diffusers' documented `make_hint`)."""
+    values = np.asarray(hint.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(values.transpose(2, 0, 1)[None])
+
+
 def fit_within(image: Image.Image, largest_side: int) -> Image.Image:
     """`image` shrunk (bicubic, aspect kept) so that no side exceeds `largest_side`; unchanged if it fits.
 

@@ -20,6 +20,8 @@ from .generation import Generation, Generator, StepCallback
 from .noise import NoiseSource
 from .remote import PreviewCallback, RemoteGenerator
 from .request import (
+    CONTROLNET,
+    CONTROLNET_IMAGE_TO_IMAGE,
     EMB2EMB,
     FUSE,
     IMAGE_TO_IMAGE,
@@ -192,6 +194,22 @@ class KandinskyClient:
         """Extend `image` by `left`/`top`/`right`/`bottom` pixels and paint the new area (edge pixels
         repeated, then masked); the canvas must fit the server's maximum image size."""
         return self._run(OUTPAINT, {"image": image, "prompt": prompt, **options})
+
+    def controlnet(self, prompt: Any, hint: Any, **options: Any) -> Generation:
+        """Text-to-image following a depth map, as KandinskyV22PriorPipeline + KandinskyV22ControlnetPipeline.
+
+        `hint` is the depth map (grayscale or RGB image, bright = near, e.g. transformers'
+        depth-estimation output) at the output size; `height`/`width` default to its size. It reaches
+        the UNet as pixel / 255 on 3 channels, as diffusers' documented `make_hint` prepares it.
+        """
+        return self._run(CONTROLNET, {"prompt": prompt, "hint": hint, **options})
+
+    def controlnet_image_to_image(self, image: Any, prompt: Any, hint: Any, **options: Any) -> Generation:
+        """Redraw `image` following the prompt and a depth map (KandinskyV22ControlnetImg2ImgPipeline);
+        `strength` as in `image_to_image`. The image is resized to the output size, the hint is not."""
+        return self._run(
+            CONTROLNET_IMAGE_TO_IMAGE, {"image": image, "prompt": prompt, "hint": hint, **options}
+        )
 
     def close(self) -> None:
         self.transport.close()

@@ -22,12 +22,28 @@ IMAGE_TO_IMAGE = "image_to_image"
 EMB2EMB = "emb2emb"
 INPAINT = "inpaint"
 OUTPAINT = "outpaint"
-MODES = (TEXT_TO_IMAGE, VARIATIONS, FUSE, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT)
+CONTROLNET = "controlnet"  # KandinskyV22ControlnetPipeline: text-to-image following a depth hint
+CONTROLNET_IMAGE_TO_IMAGE = "controlnet_image_to_image"  # KandinskyV22ControlnetImg2ImgPipeline
+MODES = (
+    TEXT_TO_IMAGE,
+    VARIATIONS,
+    FUSE,
+    IMAGE_TO_IMAGE,
+    EMB2EMB,
+    INPAINT,
+    OUTPAINT,
+    CONTROLNET,
+    CONTROLNET_IMAGE_TO_IMAGE,
+)
+CONTROLNET_MODES = (CONTROLNET, CONTROLNET_IMAGE_TO_IMAGE)  # the modes that take `hint`
+DECODER_STRENGTH_MODES = (IMAGE_TO_IMAGE, CONTROLNET_IMAGE_TO_IMAGE)  # decoder from the noised image
 
-_PROMPTED = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT)  # the prior runs on `prompt`
+# the prior runs on `prompt`
+_PROMPTED = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT, *CONTROLNET_MODES)
 _PRIOR = (*_PROMPTED, FUSE)  # every mode that runs the prior
-_FROM_IMAGE = (VARIATIONS, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT)  # every mode that takes `image`
-_LATENTS = (TEXT_TO_IMAGE, VARIATIONS, FUSE, EMB2EMB, INPAINT, OUTPAINT)  # decoder starts from noise
+# every mode that takes `image`
+_FROM_IMAGE = (VARIATIONS, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT, CONTROLNET_IMAGE_TO_IMAGE)
+_LATENTS = (TEXT_TO_IMAGE, VARIATIONS, FUSE, EMB2EMB, INPAINT, OUTPAINT, CONTROLNET)  # decoder from noise
 OUTPUT_TYPES = ("pil", "np", "latent")  # as diffusers: PIL images, float arrays in [0, 1], final latents
 
 # The served models each mode needs (checked for readiness before a client-side generation starts).
@@ -41,7 +57,15 @@ MODE_MODELS: dict[str, tuple[str, ...]] = {
     EMB2EMB: ("encode_image", *_PRIOR_MODELS, *_DECODER_MODELS),
     INPAINT: ("encode_latents", *_PRIOR_MODELS, "unet_inpaint", "decode_image"),
     OUTPAINT: ("encode_latents", *_PRIOR_MODELS, "unet_inpaint", "decode_image"),
+    CONTROLNET: (*_PRIOR_MODELS, "unet_controlnet", "decode_image"),
+    CONTROLNET_IMAGE_TO_IMAGE: ("encode_latents", *_PRIOR_MODELS, "unet_controlnet", "decode_image"),
 }
+
+
+def decoder_unet(mode: str) -> str:
+    """The UNet model whose loop decodes `mode` (each has its own checkpoint's scheduler config)."""
+    return next(name for name in MODE_MODELS[mode] if name.startswith("unet"))
+
 
 # Side used when neither the request nor an input image gives one (diffusers' pipelines default to 512).
 DEFAULT_IMAGE_SIDE = 512
@@ -56,8 +80,8 @@ def _param(default: Any, wire: str, help: str, modes: tuple[str, ...] = MODES, r
 class GenerationRequest:
     """Everything one generation takes. Defaults are the documented ones; a mode ignores no field silently.
 
-    Images (`image`, `mask_image`, the images of `images_and_prompts`) may be PIL images, paths, file
-    bytes or uint8 arrays (see images.py); on the wire they are base64-encoded PNG/JPEG strings.
+    Images (`image`, `mask_image`, `hint`, the images of `images_and_prompts`) may be PIL images, paths,
+    file bytes or uint8 arrays (see images.py); on the wire they are base64-encoded PNG/JPEG strings.
     """
 
     mode: str = _param(TEXT_TO_IMAGE, "string", f"one of {', '.join(MODES)}")
@@ -65,20 +89,27 @@ class GenerationRequest:
     negative_prompt: Any = _param(None, "strings", "what the image should not show", _PRIOR)
     image: Any = _param(None, "image", "input image", _FROM_IMAGE, True)
     mask_image: Any = _param(None, "image", "mask of the image's size: white = repaint", (INPAINT,), True)
+    hint: Any = _param(
+        None,
+        "image",
+        "depth map at the output size, grayscale or RGB (white = near); fed as pixel / 255",
+        CONTROLNET_MODES,
+        True,
+    )
     images_and_prompts: Any = _param(
         None, "strings", "prompts and images to mix (images as data:image/... URIs)", (FUSE,), True
     )
     weights: Any = _param(None, "floats", "one weight >= 0 per item of images_and_prompts", (FUSE,), True)
     negative_prior_prompt: Any = _param(None, "string", "negative prompt of fusion's prior runs", (FUSE,))
     num_images_per_prompt: int = _param(1, "int", "images per prompt")
-    height: Any = _param(None, "int", "output height (default: the input image's, else 512)")
-    width: Any = _param(None, "int", "output width (default: the input image's, else 512)")
+    height: Any = _param(None, "int", "output height (default: the hint's, else the input image's, else 512)")
+    width: Any = _param(None, "int", "output width (default: the hint's, else the input image's, else 512)")
     num_inference_steps: int = _param(50, "int", "decoder denoising steps")
     guidance_scale: float = _param(4.0, "float", "decoder classifier-free guidance scale")
     prior_num_inference_steps: int = _param(25, "int", "prior denoising steps", _PRIOR)
     prior_guidance_scale: float = _param(4.0, "float", "prior classifier-free guidance scale", _PRIOR)
     strength: float = _param(
-        0.3, "float", "part of the schedule to run, in (0, 1]", (IMAGE_TO_IMAGE, EMB2EMB)
+        0.3, "float", "part of the schedule to run, in (0, 1]", (*DECODER_STRENGTH_MODES, EMB2EMB)
     )
     left: int = _param(0, "int", "pixels to add on the left", (OUTPAINT,))
     top: int = _param(0, "int", "pixels to add at the top", (OUTPAINT,))

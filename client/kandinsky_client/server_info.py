@@ -1,6 +1,6 @@
 """What the served checkpoint is: sizes, scheduler configs and size limits, read from model configs.
 
-The client reads these from the `unet`, `prior` and `unet_inpaint` model configs over the network; the
+The client reads these from the `unet`, `prior`, `unet_inpaint` and `unet_controlnet` model configs; the
 server-side generation model gets the same parameters written into its own config by the repository
 generator. Both go through `ServerInfo.from_parameters`, so the two paths cannot disagree on a limit.
 """
@@ -14,8 +14,11 @@ from typing import Any
 from .components import ModelDims
 from .errors import InvalidRequest, KandinskyClientError, ModelNotReady
 
-# The models whose config parameters describe the checkpoint ("unet_inpaint" is optional).
-INFO_MODELS = ("unet", "prior", "unet_inpaint")
+# The models whose config parameters describe the checkpoint; the OPTIONAL_INFO_MODELS may be absent.
+INFO_MODELS = ("unet", "prior", "unet_inpaint", "unet_controlnet")
+OPTIONAL_INFO_MODELS = frozenset({"unet_inpaint", "unet_controlnet"})
+# What each optional decoder UNet is for, in messages about a server that lacks it.
+_UNET_PURPOSES = {"unet_inpaint": "inpainting", "unet_controlnet": "ControlNet"}
 
 # The layout of the parameters below. `kandinsky-repository` writes it into the `unet` config; a client
 # reads only a repository of a format it knows (raise it whenever a parameter's meaning changes).
@@ -41,16 +44,17 @@ class ServerInfo:
     max_image_size: int
     max_images_per_request: int
     inpaint_scheduler: dict | None = None  # None when the repository has no inpainting UNet
+    controlnet_scheduler: dict | None = None  # None when the repository has no ControlNet UNet
     min_image_size: int = 0  # 0: the checkpoint's size multiple; TensorRT engines accept their profile only
     static_size: tuple[int, int] | None = None  # (height, width) of static-shape engines
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any] | None]) -> ServerInfo:
-        """Build from the decoded config parameters of INFO_MODELS (None for an absent inpainting UNet).
+        """Build from the decoded config parameters of INFO_MODELS (None for an absent optional UNet).
 
         Raises IncompatibleServer when the repository was written in a format this client does not read.
         """
-        unet, prior, inpaint = (parameters.get(name) for name in INFO_MODELS)
+        unet, prior, inpaint, controlnet = (parameters.get(name) for name in INFO_MODELS)
         if not unet or not prior:
             raise ModelNotReady("the server's 'unet' and 'prior' model parameters are missing")
         check_repository_format(unet.get(REPOSITORY_FORMAT_PARAMETER))
@@ -64,6 +68,7 @@ class ServerInfo:
             max_image_size=int(sizes["max"]),
             max_images_per_request=int(unet["max_images_per_request"]),
             inpaint_scheduler=inpaint.get("scheduler_config") if inpaint else None,
+            controlnet_scheduler=controlnet.get("scheduler_config") if controlnet else None,
             min_image_size=max(dims.size_multiple, int(sizes["min"])),
             static_size=(int(static[0]), int(static[1])) if static else None,
         )
@@ -76,20 +81,23 @@ class ServerInfo:
             try:
                 parameters[name] = model_parameters(name)
             except ModelNotReady:
-                if name != "unet_inpaint":
+                if name not in OPTIONAL_INFO_MODELS:
                     raise
                 parameters[name] = None
         return cls.from_parameters(parameters)
 
-    def decoder_scheduler_config(self, inpainting: bool) -> dict:
-        """The scheduler config of the UNet a decoder loop uses (the inpainting UNet has its own)."""
-        if not inpainting:
+    def decoder_scheduler_config(self, unet: str = "unet") -> dict:
+        """The scheduler config of the UNet model a decoder loop uses (the inpainting and ControlNet
+        UNets come with their own checkpoints' schedulers)."""
+        if unet == "unet":
             return self.decoder_scheduler
-        if self.inpaint_scheduler is None:
+        config = {"unet_inpaint": self.inpaint_scheduler, "unet_controlnet": self.controlnet_scheduler}[unet]
+        if config is None:
+            purpose = _UNET_PURPOSES[unet]
             raise InvalidRequest(
-                "mode", "inpainting needs an inpainting UNet, which this server does not serve"
+                "mode", f"{purpose} needs the '{unet}' model, which this server does not serve"
             )
-        return self.inpaint_scheduler
+        return config
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """diffusers' downscale_height_and_width: ceil(side / scale**2) * scale."""

@@ -21,8 +21,10 @@ import numpy as np
 from .components import MAX_PROMPT_BYTES
 from .errors import InvalidRequest
 from .generation import decoder_scheduler
-from .images import load_image, load_mask
+from .images import load_hint, load_image, load_mask
 from .request import (
+    CONTROLNET_MODES,
+    DECODER_STRENGTH_MODES,
     DEFAULT_IMAGE_SIDE,
     EMB2EMB,
     FUSE,
@@ -148,8 +150,10 @@ def strength(field: str, value: Any, num_steps: int) -> float:
     return float(value)
 
 
-def output_size(info: ServerInfo, height: Any, width: Any, image_size: tuple[int, int]) -> tuple[int, int]:
-    """Requested (height, width), each defaulting to the input image's side (image_size is (w, h))."""
+def output_size(
+    info: ServerInfo, height: Any, width: Any, image_size: tuple[int, int], source: str = "image"
+) -> tuple[int, int]:
+    """Requested (height, width), each defaulting to the `source` image's side (image_size is (w, h))."""
     sides = []
     for field, value, from_image in (("height", height, image_size[1]), ("width", width, image_size[0])):
         if value is not None:
@@ -160,10 +164,20 @@ def output_size(info: ServerInfo, height: Any, width: Any, image_size: tuple[int
         except InvalidRequest as error:
             raise InvalidRequest(
                 field,
-                f"defaults to the image's {field}, {from_image}, which is not valid "
+                f"defaults to the {source}'s {field}, {from_image}, which is not valid "
                 f"({str(error).split(': ', 1)[1]}); pass {field} explicitly",
             ) from None
     return sides[0], sides[1]
+
+
+def hint_size(size: tuple[int, int], height: int, width: int) -> None:
+    """The hint (size (w, h)) must have the output's size: the UNet embeds it at the latents' scale."""
+    if size != (width, height):
+        raise InvalidRequest(
+            "hint",
+            f"is {size[0]}x{size[1]} pixels (width x height); it must have the output's size {width}x{height}: "
+            "resize the depth map, or leave height and width to default to the hint's",
+        )
 
 
 def outpaint_margins(
@@ -270,6 +284,8 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
         changes["image"] = load_image(request.image, "image")
     if request.mask_image is not None:
         changes["mask_image"] = load_mask(request.mask_image, changes["image"].size, "mask_image")
+    if request.hint is not None:
+        changes["hint"] = load_hint(request.hint, "hint")
     if mode == OUTPAINT:
         margins = outpaint_margins(
             info, changes["image"].size, request.left, request.top, request.right, request.bottom
@@ -280,6 +296,11 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
         changes["height"], changes["width"] = output_size(
             info, request.height, request.width, (width + left + right, height + top + bottom)
         )
+    elif mode in CONTROLNET_MODES:  # the hint is not resized (diffusers takes it as it is): it sets the size
+        changes["height"], changes["width"] = output_size(
+            info, request.height, request.width, changes["hint"].size, "hint"
+        )
+        hint_size(changes["hint"].size, changes["height"], changes["width"])
     elif mode in (IMAGE_TO_IMAGE, INPAINT):
         changes["height"], changes["width"] = output_size(
             info, request.height, request.width, changes["image"].size
@@ -292,10 +313,10 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
             image_side("height", height, info),
             image_side("width", width, info),
         )
-    if mode in (IMAGE_TO_IMAGE, EMB2EMB):  # the part of the decoder (img2img) or prior (emb2emb) that runs
-        stage = "num_inference_steps" if mode == IMAGE_TO_IMAGE else "prior_num_inference_steps"
+    if mode in (*DECODER_STRENGTH_MODES, EMB2EMB):  # the part of the decoder or prior (emb2emb) that runs
+        stage = "num_inference_steps" if mode in DECODER_STRENGTH_MODES else "prior_num_inference_steps"
         changes["strength"] = strength("strength", request.strength, changes[stage])
-        if mode == IMAGE_TO_IMAGE:  # the scheduler's own slicing may refuse more (repeated timesteps)
+        if mode in DECODER_STRENGTH_MODES:  # the scheduler's own slicing may refuse more (repeated timesteps)
             strength_timesteps(
                 decoder_scheduler(info, replace(request, **changes)), changes[stage], changes["strength"]
             )

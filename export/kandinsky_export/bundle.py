@@ -9,7 +9,8 @@ Every step reads and extends the same folder; each finds its files through the n
     <bundle>/<component>/fp16/model.onnx         `kandinsky-export fp16`
     <bundle>/<component>/tensorrt/model.plan     `kandinsky-export engines` (+ engine.json, its sidecar)
     <bundle>/tensorrt_timing.cache               TensorRT's timing cache, shared by every build
-    <bundle>/tokenizer/                          the checkpoint's tokenizer files
+    <bundle>/tokenizer/                          tokenizer.json + tokenizer_config.json, built by the export
+                                                 from the checkpoint's tokenizer (tokenizer.py)
     <bundle>/image_processor/preprocessor_config.json   the checkpoint's CLIPImageProcessor config
     <bundle>/prior_postprocess/*.npy             clip_mean, clip_std, the zero-image embedding
 

@@ -8,7 +8,10 @@ numpy pre/post-processing, at the size asked (the engines' optimum), and records
 
 - text_encoder, prior, unet, movq_decoder: a text-to-image generation with a negative prompt;
 - image_encoder, movq_encoder: the generated image, encoded as the image modes encode an input image;
-- unet_inpaint: an inpainting generation on that image with a centred mask (when the bundle has it).
+- unet_inpaint: an inpainting generation on that image with a centred mask (when the bundle has it);
+- unet_controlnet: a ControlNet generation with that image's luminance as the depth hint (when present),
+  left undecoded so that the MoVQ decoder's verdict does not change with whether a ControlNet is served
+  (with it decoded, the tiny preset's random MoVQ overflowed in FP16 on those latents: 255 levels off).
 
 `check_inputs` then picks, per component, a batch from those calls (the first, middle and last denoising
 step for the per-step models). Nothing here needs torch: it runs wherever the bundle is.
@@ -26,7 +29,7 @@ import numpy as np
 from kandinsky_client import components as registry
 from kandinsky_client.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, ModelDims, ModelSpec
 from kandinsky_client.generation import Generator
-from kandinsky_client.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
+from kandinsky_client.request import CONTROLNET, INPAINT, TEXT_TO_IMAGE, GenerationRequest
 from kandinsky_client.server_info import ServerInfo
 from kandinsky_client.validation import check_request
 from PIL import Image
@@ -139,6 +142,7 @@ def bundle_info(manifest: Mapping[str, Any], max_image_size: int) -> ServerInfo:
         max_image_size=max_image_size,
         max_images_per_request=MAX_IMAGES_PER_REQUEST,
         inpaint_scheduler=schedulers.get("decoder_inpaint"),
+        controlnet_scheduler=schedulers.get("controlnet"),
     )
 
 
@@ -178,6 +182,11 @@ def record_run(
         mask = np.zeros((height, width), np.uint8)
         mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255  # white = repaint
         request = GenerationRequest(mode=INPAINT, image=picture, mask_image=Image.fromarray(mask), **common)
+        generator.generate(check_request(request, info))
+    if registry.UNET_CONTROLNET.name in manifest["components"]:
+        request = GenerationRequest(
+            mode=CONTROLNET, hint=picture.convert("L"), output_type="latent", **common
+        )
         generator.generate(check_request(request, info))
     infer.recording = None
     return run

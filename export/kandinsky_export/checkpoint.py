@@ -1,15 +1,18 @@
 """Where a Kandinsky 2.2 checkpoint lives, how its components load, and the sizes its configs imply.
 
-A checkpoint is up to three diffusers-format folders (or hub ids where a network exists): the prior
-(`kandinsky-community/kandinsky-2-2-prior`), the decoder (`...-decoder`) and optionally the inpainting
-decoder (`...-decoder-inpaint`). Every size the exported graphs depend on is read from their configs.
+A checkpoint is up to four diffusers-format folders (or hub ids where a network exists): the prior
+(`kandinsky-community/kandinsky-2-2-prior`), the decoder (`...-decoder`), and optionally the inpainting
+decoder (`...-decoder-inpaint`) and the ControlNet-depth decoder (`...-controlnet-depth`). Every size the
+exported graphs depend on is read from their configs. A hub part may be pinned to a revision
+(`revisions`): every file of it, configs, weights and tokenizer, is then read at that revision, because the
+released repositories have changed since their first upload.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ SUBFOLDERS = {
     "prior": ("prior", "prior"),
     "unet": ("decoder", "unet"),
     "unet_inpaint": ("decoder_inpaint", "unet"),
+    "unet_controlnet": ("controlnet", "unet"),
     "movq_encoder": ("decoder", "movq"),
     "movq_decoder": ("decoder", "movq"),
 }
@@ -37,13 +41,23 @@ class Checkpoint:
     prior: str
     decoder: str
     decoder_inpaint: str | None = None
+    controlnet: str | None = None  # kandinsky-2-2-controlnet-depth (a decoder whose UNet takes a hint)
+    # Part name -> hub revision (commit, branch or tag) it is loaded at; a part missing here loads the hub's
+    # default branch. Local folders have no revisions (from_pretrained ignores it for them).
+    revisions: dict[str, str] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_root(cls, root: Path) -> Checkpoint:
         """The layout written by the presets: <root>/prior, <root>/decoder, <root>/decoder_inpaint."""
         root = Path(root)
         inpaint = root / "decoder_inpaint"
-        return cls(str(root / "prior"), str(root / "decoder"), str(inpaint) if inpaint.is_dir() else None)
+        controlnet = root / "controlnet"
+        return cls(
+            str(root / "prior"),
+            str(root / "decoder"),
+            str(inpaint) if inpaint.is_dir() else None,
+            controlnet=str(controlnet) if controlnet.is_dir() else None,
+        )
 
     def part(self, name: str) -> str:
         source = getattr(self, name)
@@ -54,15 +68,36 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return getattr(self, name) is not None
 
-    def read_json(self, part: str, relative: str) -> dict[str, Any]:
-        """A config file of one part, from a local folder or (where a network exists) the hub."""
+    def revision(self, part: str) -> str | None:
+        """The pinned hub revision of one part (None: the default branch, or a local folder)."""
+        return self.revisions.get(part) or None
+
+    def fetch(self, part: str, relative: str, *, required: bool = True) -> Path | None:
+        """The local path of one file of a part: in its folder, or downloaded at the part's revision.
+
+        With `required=False` a file the part does not have is None (local folder or hub).
+        """
         source = self.part(part)
         local = Path(source) / relative
         if local.is_file():
-            return json.loads(local.read_text())
+            return local
+        if Path(source).is_dir():
+            if required:
+                raise FileNotFoundError(f"{local} not found")
+            return None
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
-        return json.loads(Path(hf_hub_download(source, relative)).read_text())
+        try:
+            return Path(hf_hub_download(source, relative, revision=self.revision(part)))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            if required:
+                raise
+            return None
+
+    def read_json(self, part: str, relative: str) -> dict[str, Any]:
+        """A config file of one part, from a local folder or (where a network exists) the hub."""
+        return json.loads(self.fetch(part, relative).read_text())  # type: ignore[union-attr]
 
     def config(self, component: str) -> dict[str, Any]:
         part, subfolder = SUBFOLDERS[component]
@@ -109,15 +144,20 @@ class Checkpoint:
             "prior": PriorTransformer,
             "unet": UNet2DConditionModel,
             "unet_inpaint": UNet2DConditionModel,
+            "unet_controlnet": UNet2DConditionModel,
             "movq_encoder": VQModel,
             "movq_decoder": VQModel,
         }
         part, subfolder = SUBFOLDERS[component]
         logger.info("loading %s from %s/%s", component, self.part(part), subfolder)
-        model = classes[component].from_pretrained(self.part(part), subfolder=subfolder)
+        model = classes[component].from_pretrained(
+            self.part(part), subfolder=subfolder, revision=self.revision(part)
+        )
         return model.eval().float()
 
     def load_tokenizer(self) -> Any:
         from transformers import CLIPTokenizer
 
-        return CLIPTokenizer.from_pretrained(self.prior, subfolder="tokenizer")
+        return CLIPTokenizer.from_pretrained(
+            self.prior, subfolder="tokenizer", revision=self.revision("prior")
+        )

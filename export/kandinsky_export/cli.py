@@ -3,7 +3,8 @@
     kandinsky-export checkpoint --preset tiny --output artifacts/tiny/checkpoint
     kandinsky-export onnx --checkpoint artifacts/tiny/checkpoint --output artifacts/tiny/onnx
     kandinsky-export onnx --prior kandinsky-community/kandinsky-2-2-prior \\
-        --decoder kandinsky-community/kandinsky-2-2-decoder --output artifacts/released/onnx
+        --decoder kandinsky-community/kandinsky-2-2-decoder --output artifacts/released/onnx \\
+        [--prior-revision COMMIT --decoder-revision COMMIT]   # pinned hub revisions (recorded in the manifest)
     kandinsky-export fp16 --bundle artifacts/released/onnx
     kandinsky-export engines --bundle artifacts/released/onnx            # needs TensorRT and a GPU
     kandinsky-export engines --bundle artifacts/released/onnx --static 768x768
@@ -24,16 +25,48 @@ from kandinsky_client.profiles import PROFILE_SIZE_STEP, ProfileSettings
 from .bundle import TIMING_CACHE
 from .checkpoint import Checkpoint
 from .fp16 import FP16_TOLERANCE, FUSION_SETS
+from .inpaint_movq import ALLOW_MISMATCH_FLAG
 from .presets import PRESETS, write_preset_checkpoint
+from .released_layout import CURRENT, LAYOUTS
 from .tensorrt_engine import PRECISIONS
+
+# Checkpoint parts that may come from the hub, each with its --<part>-revision flag.
+REVISION_PARTS = ("prior", "decoder", "decoder_inpaint", "controlnet")
 
 
 def _checkpoint_from_args(args: argparse.Namespace) -> Checkpoint:
     if args.checkpoint:
+        if any(getattr(args, f"{part}_revision", None) for part in REVISION_PARTS):
+            raise SystemExit("--*-revision pins hub ids: give --prior/--decoder hub ids, not --checkpoint")
         return Checkpoint.from_root(args.checkpoint)
     if not (args.prior and args.decoder):
         raise SystemExit("give --checkpoint ROOT, or --prior and --decoder (folders or hub ids)")
-    return Checkpoint(args.prior, args.decoder, args.decoder_inpaint)
+    return Checkpoint(
+        args.prior,
+        args.decoder,
+        args.decoder_inpaint,
+        controlnet=args.controlnet,
+        revisions=_revisions_from_args(args),
+    )
+
+
+def _revisions_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """--<part>-revision values of the parts given as hub ids (a revision of a local folder is refused)."""
+    revisions = {}
+    for part in REVISION_PARTS:
+        revision = getattr(args, f"{part}_revision", None)
+        if not revision:
+            continue
+        source = getattr(args, part, None)
+        if not source:
+            raise SystemExit(f"--{part.replace('_', '-')}-revision given without --{part.replace('_', '-')}")
+        if Path(source).is_dir():
+            raise SystemExit(
+                f"--{part.replace('_', '-')}-revision {revision}: {source} is a local folder, which has no "
+                "revisions (check out the revision there instead)"
+            )
+        revisions[part] = revision
+    return revisions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,13 +79,38 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--preset", choices=sorted(PRESETS), required=True)
     ckpt.add_argument("--output", type=Path, required=True)
     ckpt.add_argument("--seed", type=int, default=0)
+    ckpt.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=CURRENT,
+        help="current: as transformers/diffusers save today; released: the files and configs of the released "
+        "uploads (slow tokenizer files, fp16 image encoder, legacy configs, .bin next to .safetensors)",
+    )
 
     onnx = sub.add_parser("onnx", help="export every component to ONNX and check it against PyTorch")
-    onnx.add_argument("--checkpoint", type=Path, help="root with prior/, decoder/[, decoder_inpaint/]")
+    onnx.add_argument(
+        "--checkpoint", type=Path, help="root with prior/, decoder/[, decoder_inpaint/, controlnet/]"
+    )
     onnx.add_argument("--prior", help="prior folder or hub id")
     onnx.add_argument("--decoder", help="decoder folder or hub id")
     onnx.add_argument("--decoder-inpaint", help="inpainting decoder folder or hub id (optional)")
+    onnx.add_argument(
+        "--controlnet", help="ControlNet-depth decoder folder or hub id (optional; controlnet modes)"
+    )
+    for part in REVISION_PARTS:
+        flag = part.replace("_", "-")
+        onnx.add_argument(
+            f"--{flag}-revision",
+            metavar="REVISION",
+            help=f"hub revision of --{flag} (a commit id pins it; default: the repository's default branch)",
+        )
     onnx.add_argument("--components", nargs="*", help="subset of components (default: all present)")
+    onnx.add_argument(
+        ALLOW_MISMATCH_FLAG,
+        action="store_true",
+        help="serve inpainting with the decoder's MoVQ even where the inpainting repo's own MoVQ differs "
+        "(default: refuse; see inpaint_movq.py)",
+    )
     onnx.add_argument("--output", type=Path, required=True)
 
     half = sub.add_parser(
@@ -124,12 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     # No process-wide warning filters: the exporter silences the tracer's warnings where it traces.
 
     if args.command == "checkpoint":
-        write_preset_checkpoint(PRESETS[args.preset], args.output, seed=args.seed)
+        write_preset_checkpoint(PRESETS[args.preset], args.output, seed=args.seed, layout=args.layout)
         print(f"wrote preset '{args.preset}' to {args.output}")
     elif args.command == "onnx":
         from .onnx_export import export_bundle
 
-        reports = export_bundle(_checkpoint_from_args(args), args.output, args.components)
+        reports = export_bundle(
+            _checkpoint_from_args(args),
+            args.output,
+            args.components,
+            allow_inpaint_movq_mismatch=args.allow_inpaint_movq_mismatch,
+        )
         print("\n".join(r.line() for r in reports))
         print(f"wrote ONNX bundle to {args.output}")
     elif args.command == "fp16":

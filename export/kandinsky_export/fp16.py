@@ -87,6 +87,7 @@ MODEL_TYPES = {
     "prior": "clip",  # pre-LN transformer blocks like CLIP's; 'unet' matches fewer of its patterns
     "unet": "unet",
     "unet_inpaint": "unet",
+    "unet_controlnet": "unet",
     "movq_encoder": "vae",
     "movq_decoder": "vae",
 }

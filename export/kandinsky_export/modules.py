@@ -75,6 +75,25 @@ class UNet(torch.nn.Module):
         )[0]
 
 
+class UNetControlnet(torch.nn.Module):
+    """The ControlNet-depth UNet, called as KandinskyV22ControlnetPipeline calls it (hint in [0, 1])."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, image_embeds: torch.Tensor, hint: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            sample=sample,
+            timestep=timestep,
+            encoder_hidden_states=None,
+            added_cond_kwargs={"image_embeds": image_embeds, "hint": hint},
+            return_dict=False,
+        )[0]
+
+
 class MoVQEncoder(torch.nn.Module):
     """VQModel.encode: the pre-quantisation latents, as the img2img and inpaint pipelines use them."""
 
@@ -103,6 +122,7 @@ WRAPPERS: dict[str, type[torch.nn.Module]] = {
     "prior": Prior,
     "unet": UNet,
     "unet_inpaint": UNet,
+    "unet_controlnet": UNetControlnet,
     "movq_encoder": MoVQEncoder,
     "movq_decoder": MoVQDecoder,
 }
@@ -145,6 +165,8 @@ def sample_inputs(
             inputs[tensor.name] = np.arange(shape[1])[None, :] < lengths[:, None]
         elif tensor.name in ("image", "pixel_values"):
             inputs[tensor.name] = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+        elif tensor.name == "hint":  # a depth map as the pipeline takes it: [0, 1]
+            inputs[tensor.name] = rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
         else:
             inputs[tensor.name] = rng.standard_normal(size=shape).astype(np.float32)
     return inputs

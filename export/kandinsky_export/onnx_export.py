@@ -20,13 +20,16 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from kandinsky_client.components import COMPONENTS, ComponentSpec
+from kandinsky_client.components import COMPONENTS, UNET_CONTROLNET, ComponentSpec
 from tqdm.auto import tqdm
 
 from . import bundle as layout
 from .bundle import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, ONNX_FILE
 from .checkpoint import Checkpoint
+from .controlnet import check_controlnet_movq, check_controlnet_unet
+from .inpaint_movq import movq_record
 from .modules import build_wrapper, sample_inputs, to_torch
+from .tokenizer import tokenizer_bundle, write_tokenizer_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +154,9 @@ def export_component(
     check_h, check_w = check_size or (2 * base, 3 * base)
     vocab = checkpoint.config("text_encoder")["vocab_size"]
     model = checkpoint.load_component(component)
+    if component == UNET_CONTROLNET.name:
+        check_controlnet_unet(dict(model.config), dims)
+        check_controlnet_movq(checkpoint)
     wrapper = build_wrapper(component, model)
 
     trace_inputs = sample_inputs(
@@ -211,7 +217,16 @@ def export_constants(checkpoint: Checkpoint, out_dir: Path) -> None:
 
 
 def export_tokenizer(checkpoint: Checkpoint, out_dir: Path) -> None:
-    checkpoint.load_tokenizer().save_pretrained(Path(out_dir) / layout.TOKENIZER_DIR)
+    """The served tokenizer's `tokenizer.json` + config, built from what the checkpoint holds.
+
+    Written explicitly (tokenizer.py) rather than by a transformers re-save, which writes a
+    `tokenizer.json` for slow-file checkpoints only in some versions.
+    """
+    tokenizer, config = tokenizer_bundle(
+        lambda name: checkpoint.fetch("prior", f"{layout.TOKENIZER_DIR}/{name}", required=False),
+        model_max_length=checkpoint.dims.text_seq_len,
+    )
+    write_tokenizer_bundle(Path(out_dir) / layout.TOKENIZER_DIR, tokenizer, config)
 
 
 def export_image_processor(checkpoint: Checkpoint, out_dir: Path) -> None:
@@ -229,6 +244,7 @@ def export_bundle(
     checkpoint: Checkpoint,
     out_dir: Path,
     components: list[str] | None = None,
+    allow_inpaint_movq_mismatch: bool = False,
 ) -> list[ParityReport]:
     """Export every component the checkpoint has (or `components`), the constants and the manifest.
 
@@ -236,7 +252,10 @@ def export_bundle(
     `export_failed.json` records the failures and RuntimeError is raised. An interrupted or failed export
     therefore never leaves a manifest that later steps (FP16, engines, the repository) would trust.
     Exporting a subset keeps the other components' entries of the previous manifest.
+    The inpainting repo's own MoVQ is compared with the decoder's first (inpaint_movq.py): a mismatch
+    stops the export before anything is exported, unless `allow_inpaint_movq_mismatch`.
     """
+    movq = movq_record(checkpoint, allow_mismatch=allow_inpaint_movq_mismatch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_manifest(out_dir)
@@ -261,7 +280,9 @@ def export_bundle(
     export_constants(checkpoint, out_dir)
     export_tokenizer(checkpoint, out_dir)
     export_image_processor(checkpoint, out_dir)
-    layout.write_manifest(out_dir, build_manifest(checkpoint, out_dir, wanted, reports, previous))
+    manifest = build_manifest(checkpoint, out_dir, wanted, reports, previous)
+    manifest["movq"] = movq
+    layout.write_manifest(out_dir, manifest)
     return reports
 
 
@@ -287,7 +308,7 @@ def build_manifest(
     manifest["dims"] = asdict(checkpoint.dims)
     manifest["schedulers"] = {
         part: checkpoint.scheduler_config(part)
-        for part in ("prior", "decoder", "decoder_inpaint")
+        for part in ("prior", "decoder", "decoder_inpaint", "controlnet")
         if checkpoint.has(part)
     }
     manifest["checkpoint"] = asdict(checkpoint)

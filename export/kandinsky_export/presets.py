@@ -8,6 +8,7 @@ weights:
     <root>/prior/            tokenizer, text_encoder, image_encoder, image_processor, prior, scheduler
     <root>/decoder/          unet, movq, scheduler
     <root>/decoder_inpaint/  unet (latent + masked latent + mask channels), movq, scheduler
+    <root>/controlnet/       unet with the depth-hint input, movq, scheduler (controlnet.py)
 
 - `tiny`: seconds on CPU, for tests.
 - `small`: released block types and depth, reduced width, for CPU benchmarks.
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from .released_layout import CURRENT, LAYOUTS, RELEASED, apply_released_layout
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +292,14 @@ def randomize_untrained_parameters(module: torch.nn.Module, generator: torch.Gen
                 tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
 
 
-def write_preset_checkpoint(preset: Preset, root: Path, seed: int = 0) -> Path:
-    """Write the preset's prior, decoder and inpainting-decoder folders under `root`; returns `root`."""
+def write_preset_checkpoint(preset: Preset, root: Path, seed: int = 0, layout: str = CURRENT) -> Path:
+    """Write the preset's prior, decoder and inpainting-decoder folders under `root`; returns `root`.
+
+    `layout="released"` stores them as the released uploads do (released_layout.py): the same weights,
+    the files and configs that the loading code must also handle.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout is '{layout}'; one of {', '.join(LAYOUTS)}")
     from diffusers import (
         DDPMScheduler,
         PriorTransformer,
@@ -306,6 +315,7 @@ def write_preset_checkpoint(preset: Preset, root: Path, seed: int = 0) -> Path:
         CLIPVisionModelWithProjection,
     )
 
+    from .controlnet import write_controlnet_part
     from .tokenizer import build_clip_tokenizer
 
     root = Path(root)
@@ -388,6 +398,9 @@ def write_preset_checkpoint(preset: Preset, root: Path, seed: int = 0) -> Path:
     }
     _write_model_index(decoder_dir, "KandinskyV22Pipeline", decoder_modules)
     _write_model_index(inpaint_dir, "KandinskyV22InpaintPipeline", decoder_modules)
+    write_controlnet_part(preset.unet, root, decoder_dir, seed, decoder_modules)
+    if layout == RELEASED:
+        apply_released_layout(root, preset.prior, preset.prior_scheduler, preset.decoder_scheduler)
     return root
 
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-queue-size",
         type=int,
         default=DEFAULTS.max_queue_size,
-        help="requests that may wait per model; more are refused at once (retryable)",
+        help="requests that may wait per once-per-image model; more are refused at once (retryable). "
+        "The per-step models have no bound (a queue policy would slow every step; see docs/benchmarks.md)",
     )
     parser.add_argument(
         "--precision",

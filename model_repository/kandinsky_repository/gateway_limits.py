@@ -10,7 +10,8 @@ the largest sizes the server accepts: images for CLIP pre-processing at MAX_INPU
 repository's max_image_size, latents at max_image_size / the MoVQ scale, prompts at MAX_PROMPT_BYTES.
 Binary tensors travel at that size; a JSON body with base64 images (the generate endpoint) needs 4/3 of
 the raw pixels of MAX_IMAGES_PER_REQUEST images of that side (64 MiB), the largest for every checkpoint.
-The cap is the larger of the two plus 1 MiB for JSON headers and framing (65 MiB).
+The cap is the larger of the two plus 1 MiB for JSON headers and framing (65 MiB; 100 MiB where the
+ControlNet UNet is served: its full batch of float32 hints at 1024 px is 8 x 3 x 1024^2 x 4 bytes = 96 MiB).
 
 JSON element limit: one full-size RGB image (max_image_size^2 x 3 values). JSON tensors are a debugging
 convenience (the client sends binary data); Triton allocates JSON inputs at their declared shape, so this

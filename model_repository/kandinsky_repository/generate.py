@@ -26,6 +26,7 @@ from kandinsky_client.components import (
     MAX_INPUT_IMAGE_SIDE,
     MAX_PROMPT_BYTES,
     SERVED_MODELS,
+    ComponentSpec,
     ModelDims,
     ModelSpec,
     ServedModelSpec,
@@ -149,13 +150,23 @@ def python_model_limits(name: str, options: RepositoryOptions) -> dict[str, obje
     return limits.get(name, {})
 
 
-def limit_queue(config: mc.ModelConfig, options: RepositoryOptions) -> None:
-    """A bounded queue with per-request timeouts for every model that queues requests itself.
+def limit_queue(config: mc.ModelConfig, spec: ModelSpec, options: RepositoryOptions) -> None:
+    """A bounded queue with per-request timeouts for the models called once per image or request.
 
-    Every model with dynamic batching gets `default_queue_policy`: at most `options.max_queue_size`
-    requests wait (more are refused at once with UNAVAILABLE, which clients may retry), and a request may
-    carry its own timeout (`allow_timeout_override`; the client's per-request timeout) after which it is
-    rejected while still queued instead of computed for nobody.
+    Those models get `default_queue_policy`: at most `options.max_queue_size` requests wait (more are
+    refused at once with UNAVAILABLE, which clients may retry), and a request may carry its own timeout
+    (`allow_timeout_override`; the client's per-request timeout) after which it is rejected while still
+    queued instead of computed for nobody. Triton applies an override only below the default timeout
+    (`PolicyQueue::Enqueue`), so the default is the generation time limit rather than 0 (no timeout,
+    which would ignore every override).
+
+    The per-step models (prior, UNets: `called_per_step`) get no queue policy. Any policy turns off the
+    dynamic batcher's prefetching of the next batch while the instance is busy (`support_prefetching_`
+    in Triton's PriorityQueue); measured on the CPU flavour (one python-backend instance), each
+    sequential step then waited 25-75 ms in the queue instead of 0.1 ms, doubling the latency of both
+    loops (docs/benchmarks.md). Their queues are bounded by their callers instead: a generation has one
+    step in flight (client loop), the server loop runs `max_concurrent_generations` at once, and a
+    step's inputs are small (latents and embeddings: 2 MiB at 4 images of 1024 px).
 
     Python-backend models without dynamic batching get it too, with no batching delay: Triton's default
     scheduler has neither a queue bound nor timeouts, and only the dynamic batcher drops requests that
@@ -168,10 +179,11 @@ def limit_queue(config: mc.ModelConfig, options: RepositoryOptions) -> None:
         return
     if config.backend == "python" and not config.HasField("dynamic_batching"):
         config.dynamic_batching.SetInParent()
-    if config.HasField("dynamic_batching"):
+    if config.HasField("dynamic_batching") and not (isinstance(spec, ComponentSpec) and spec.called_per_step):
         policy = config.dynamic_batching.default_queue_policy
         policy.max_queue_size = options.max_queue_size
         policy.allow_timeout_override = True
+        policy.default_timeout_microseconds = int(options.max_generation_seconds * 1e6)
         policy.timeout_action = mc.ModelQueuePolicy.REJECT
 
 
@@ -183,7 +195,12 @@ def component_parameters(name: str, manifest: dict, dims: ModelDims, options: Re
     limits = spatial_limits(spec, dims, options.max_image_size)
     if limits:
         parameters["spatial_limits"] = limits
-    part = {"prior": "prior", "unet": "decoder", "unet_inpaint": "decoder_inpaint"}.get(name)
+    part = {
+        "prior": "prior",
+        "unet": "decoder",
+        "unet_inpaint": "decoder_inpaint",
+        "unet_controlnet": "controlnet",
+    }.get(name)
     if part:
         parameters["scheduler_config"] = schedulers[part]
         parameters["num_train_timesteps"] = str(schedulers[part].get("num_train_timesteps", 1000))
@@ -242,7 +259,7 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             )
             if limits is not None:
                 size_limits.append(limits)
-        limit_queue(config, options)
+        limit_queue(config, spec, options)
         configs[name] = config
     set_parameters(configs["unet"], {IMAGE_SIZES_PARAMETER: intersect_size_limits(size_limits)})
     for name, config in configs.items():
@@ -254,7 +271,7 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         config = base_config(spec, dims)
         python_backend(config, output / name / "1", entry_point, options)
         set_parameters(config, python_model_limits(name, options))
-        limit_queue(config, options)
+        limit_queue(config, spec, options)
         write_config(output / name, config)
     shutil.copytree(bundle / layout.TOKENIZER_DIR, output / "tokenizer" / "1" / layout.TOKENIZER_DIR)
     clip_config = bundle / layout.IMAGE_PROCESSOR_CONFIG

@@ -3,7 +3,7 @@
 Its inputs are the request fields (all optional: the request's defaults fill the gaps), its outputs the
 final and progress response tensors; it is decoupled (progress responses, then one final response) and
 not batched (one request is one generation; the per-step models batch across generations). Its
-`server_info` parameter repeats the `unet`/`prior`/`unet_inpaint` config parameters, so the model and the
+`server_info` parameter repeats the INFO_MODELS' config parameters (`unet`, `prior`, ...), so the model and the
 client read the checkpoint's limits through the same `ServerInfo.from_parameters`.
 """
 

@@ -13,7 +13,7 @@ waiting or running request that is cancelled (gRPC stream cancellation, HTTP cli
 time limit stops before its next step, so no orphaned work stays queued.
 
 Parameters (config.pbtxt, written by the repository generator):
-  server_info                 JSON {"unet": {...}, "prior": {...}, "unet_inpaint": {...} | null}:
+  server_info                 JSON {"unet": {...}, "prior": {...}, "unet_inpaint": {...} | null, ...}:
                               those models' config parameters (see kandinsky_client.server_info)
   max_concurrent_generations  generations running at once (threads)
   max_queued_generations      generations waiting for a thread before new ones are refused

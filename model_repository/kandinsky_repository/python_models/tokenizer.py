@@ -1,8 +1,9 @@
 """The checkpoint's CLIP tokenizer: prompts -> input_ids and attention mask, as diffusers tokenizes.
 
-It runs the `tokenizers` library directly on the `tokenizer.json` that the export writes (through
-transformers' CLIPTokenizer), with padding to `model_max_length` and truncation, like
-KandinskyV22PriorPipeline._encode_prompt. transformers itself is not imported here: the python backend
+It runs the `tokenizers` library directly on the `tokenizer.json` that the export builds itself from the
+checkpoint's tokenizer (export/kandinsky_export/tokenizer.py: the checkpoint's own `tokenizer.json`, or
+the fast conversion of released checkpoints' slow `vocab.json` + `merges.txt`), with padding to
+`model_max_length` and truncation, like KandinskyV22PriorPipeline._encode_prompt. transformers itself is not imported here: the python backend
 stub of the pytriton wheel cannot load the ssl module that transformers pulls in.
 
 Each prompt is at most `max_prompt_bytes` of UTF-8 (`MAX_PROMPT_BYTES` of the registry, a config
