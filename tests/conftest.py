@@ -56,21 +56,25 @@ def triton_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactor
 
     Its restricted APIs (shared memory, logging, trace, model repository) need TEST_ADMIN_KEY.
     """
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    with local_triton_server(tiny_repository, log) as server:
+        yield server
+    logging.getLogger(__name__).info("server log: %s", log)
+
+
+def local_triton_server(repository: Path, log: Path):
+    """A TritonServer (not started) on free loopback ports, its restricted APIs behind TEST_ADMIN_KEY."""
     from kandinsky_repository.admin import AdminKey
     from kandinsky_repository.server import TritonServer
 
-    log = tmp_path_factory.mktemp("triton") / "server.log"
-    server = TritonServer(
-        tiny_repository,
+    return TritonServer(
+        repository,
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
         admin_key=AdminKey(TEST_ADMIN_KEY, "tests"),
         log_file=log,
     )
-    with server:
-        yield server
-    logging.getLogger(__name__).info("server log: %s", log)
 
 
 @pytest.fixture(scope="session", params=["grpc", "http"])

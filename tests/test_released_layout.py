@@ -26,10 +26,9 @@ from kandinsky_export.released_layout import (
     RELEASED_DECODER_SCHEDULER_EXTRA,
     RELEASED_TEXT_TOKEN_IDS,
 )
-from kandinsky_repository.server import free_port
 
 from . import reference
-from .conftest import TEST_ADMIN_KEY, TINY_SEED
+from .conftest import TINY_SEED, local_triton_server
 
 STEPS = {"prior_num_inference_steps": 3, "num_inference_steps": 5}
 PROMPTS = [
@@ -63,22 +62,12 @@ def released_bundle(released_root: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def released_server(released_bundle, tmp_path_factory: pytest.TempPathFactory):
-    from kandinsky_repository.admin import AdminKey
     from kandinsky_repository.generate import generate_repository
-    from kandinsky_repository.server import TritonServer
 
     repository = tmp_path_factory.mktemp("tiny-released-repo") / "model_repository"
     generate_repository(released_bundle[0], repository)
     log = tmp_path_factory.mktemp("triton-released") / "server.log"
-    server = TritonServer(
-        repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        admin_key=AdminKey(TEST_ADMIN_KEY, "tests"),
-        log_file=log,
-    )
-    with server:
+    with local_triton_server(repository, log) as server:
         yield server
     logging.getLogger(__name__).info("server log: %s", log)
 
