@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -235,21 +236,47 @@ def test_triton_away_gives_503_retry(nginx_with_njs, triton_server, tiny_reposit
 
 
 @pytest.fixture(scope="module")
-def ticker(nginx_with_njs, ticker_repository):
-    """The decoupled test model served by Triton, behind a standalone gateway."""
+def ticker_server(ticker_repository):
+    """The decoupled test model (`count` responses, `delay` seconds apart) served by Triton."""
     with TritonServer(
         ticker_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
     ) as server:
-        options = GatewayOptions(
-            triton_http=server.http_url,
-            triton_grpc=server.grpc_url,
-            health=f"127.0.0.1:{free_port()}",
-            repository=ticker_repository,
-            http_port=free_port(),
-            grpc_port=free_port(),
-        )
-        with _gateway(options) as gateway:
-            yield gateway
+        yield server
+
+
+def _ticker_options(server, repository, **overrides) -> GatewayOptions:
+    return GatewayOptions(
+        triton_http=server.http_url,
+        triton_grpc=server.grpc_url,
+        health=f"127.0.0.1:{free_port()}",
+        repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def ticker(nginx_with_njs, ticker_server, ticker_repository):
+    """The ticker behind a standalone gateway with the default limits."""
+    with _gateway(_ticker_options(ticker_server, ticker_repository)) as gateway:
+        yield gateway
+
+
+def test_requests_in_flight_per_address_are_bounded(nginx_with_njs, ticker_server, ticker_repository):
+    """Past `max_in_flight` concurrent requests from one address, the gateway answers 429 at once: the
+    per-step models have no Triton queue bound, so this is what bounds one address's queued requests."""
+    body = json.dumps({"text": "slow", "count": 2, "delay": 0.5})
+    with _gateway(_ticker_options(ticker_server, ticker_repository, max_in_flight=2)) as gateway:
+        url = f"http://{gateway.http_url}/v2/models/ticker/generate_stream"
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: http("POST", url, body), range(6)))
+        codes = [code for code, _ in results]
+        assert codes.count(200) >= 2 and 429 in codes, codes
+        refused = next(answer for code, answer in results if code == 429)
+        assert "2 in flight" in refused["error"], refused
+        # Once those finish, the address may send again.
+        assert http("POST", url, json.dumps({"text": "x", "count": 1, "delay": 0}))[0] == 200
 
 
 @pytest.mark.parametrize(

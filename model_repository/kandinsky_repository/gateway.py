@@ -114,6 +114,7 @@ class GatewayOptions:
     token: str | None = None
     rate_per_s: int = DEFAULTS.rate_per_s
     burst: int = DEFAULTS.burst
+    max_in_flight: int = DEFAULTS.max_in_flight
     max_body_bytes: int | None = None  # None: computed from the repository (gateway_limits.py)
     json_max_elements: int | None = None  # None: computed from the repository
     worker_processes: str = "auto"
@@ -236,6 +237,7 @@ def render(
         "RATE_ZONE_MB": str(DEFAULTS.rate_zone_mb),
         "RATE_PER_S": str(options.rate_per_s),
         "BURST": str(options.burst),
+        "MAX_IN_FLIGHT": str(options.max_in_flight),
         "TRITON_HTTP_SERVERS": _server_lines(servers["triton_http"]),
         "TRITON_GRPC_SERVERS": _server_lines(servers["triton_grpc"]),
         "HEALTH_SERVERS": _server_lines(servers["health"]),
@@ -259,12 +261,13 @@ def render(
     }
     logger.info(
         "gateway limits: body %d bytes (largest request: %s), JSON tensors %d elements, %d requests/s "
-        "per address (burst %d)%s",
+        "per address (burst %d), %d in flight per address%s",
         max_body,
         limits.reason,
         json_elements,
         options.rate_per_s,
         options.burst,
+        options.max_in_flight,
         ", bearer token required" if options.token else "",
     )
     return text, script_config
@@ -433,6 +436,12 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gateway-burst", type=int, default=DEFAULTS.burst, help="requests above the rate")
     parser.add_argument(
+        "--gateway-max-in-flight",
+        type=int,
+        default=DEFAULTS.max_in_flight,
+        help="requests (or gRPC streams) in flight at once per address; more get 429 / RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
         "--gateway-max-body-bytes", type=int, help="body cap (default: computed from the repository)"
     )
     parser.add_argument(
@@ -448,6 +457,7 @@ def options_from_arguments(args: argparse.Namespace, **fields: object) -> Gatewa
         token=args.gateway_token,
         rate_per_s=args.gateway_rate,
         burst=args.gateway_burst,
+        max_in_flight=args.gateway_max_in_flight,
         max_body_bytes=args.gateway_max_body_bytes,
         json_max_elements=args.gateway_json_max_elements,
         **fields,  # type: ignore[arg-type]

@@ -56,6 +56,10 @@ class Defaults:
     # generations from one address (a backend, a NAT) stay well below this.
     rate_per_s: int = 200
     burst: int = 400
+    # Requests in flight at once per client address (a gRPC stream or HTTP request each): a client-loop
+    # generation has one step in flight, a server-loop generation one stream. Bounds what one address can
+    # queue at the per-step models, which have no Triton queue bound (see generate.limit_queue).
+    max_in_flight: int = 64
     rate_zone_mb: int = 10  # ~160k client addresses tracked
     upstream_connect_timeout_s: int = 5
     upstream_timeout_s: int = 600  # a request or stream may take this long between two reads
