@@ -20,7 +20,9 @@
 #   KANDINSKY_DECODER_INPAINT  [kandinsky-community/kandinsky-2-2-decoder-inpaint]  set empty: no inpainting
 #   KANDINSKY_PRIOR_REVISION   hub revision (a commit id pins it) of KANDINSKY_PRIOR; empty: the default branch
 #   KANDINSKY_DECODER_REVISION  of KANDINSKY_DECODER
-#   KANDINSKY_DECODER_INPAINT_REVISION  of KANDINSKY_DECODER_INPAINT. A bundle exported from other sources or
+#   KANDINSKY_DECODER_INPAINT_REVISION  of KANDINSKY_DECODER_INPAINT
+#   KANDINSKY_CONTROLNET       [empty: no ControlNet modes]  e.g. kandinsky-community/kandinsky-2-2-controlnet-depth
+#   KANDINSKY_CONTROLNET_REVISION  of KANDINSKY_CONTROLNET. A bundle exported from other sources or
 #                              revisions than these is exported again (the manifest records what it came from)
 #   KANDINSKY_PRESET           tiny|small: random weights instead of the hub (a smoke test of the whole path)
 #   KANDINSKY_FLAVOUR          [tensorrt]  tensorrt | onnxruntime
@@ -68,16 +70,16 @@ check_settings() {
     log "image sizes: ${profile}"
 }
 
-# Whether the bundle's manifest records these hub sources and revisions (PRIOR DECODER INPAINT and their
-# three revisions; empty: none). A manifest without a checkpoint record (an older exporter) matches.
+# Whether the bundle's manifest records these hub sources and revisions (PRIOR DECODER INPAINT CONTROLNET
+# and their four revisions; empty: none). A manifest without a checkpoint record (an older exporter) matches.
 bundle_matches() {
     python3 - "${BUNDLE}/manifest.json" "$@" <<'PYTHON'
 import json, sys
-manifest, prior, decoder, inpaint, *revisions = sys.argv[1:]
+manifest, prior, decoder, inpaint, controlnet, *revisions = sys.argv[1:]
 recorded = json.load(open(manifest)).get("checkpoint")
 if recorded is None:  # an older exporter: nothing to compare
     sys.exit(0)
-parts = {"prior": prior, "decoder": decoder, "decoder_inpaint": inpaint or None}
+parts = {"prior": prior, "decoder": decoder, "decoder_inpaint": inpaint or None, "controlnet": controlnet or None}
 wanted = {part: revision for part, revision in zip(parts, revisions) if revision and parts[part]}
 same = all(recorded.get(part) == source for part, source in parts.items())
 same = same and (recorded.get("revisions") or {}) == wanted
@@ -99,14 +101,16 @@ prepare() {
     local inpaint="${KANDINSKY_DECODER_INPAINT-kandinsky-community/kandinsky-2-2-decoder-inpaint}"
     local prior_revision="${KANDINSKY_PRIOR_REVISION:-}" decoder_revision="${KANDINSKY_DECODER_REVISION:-}"
     local inpaint_revision="${KANDINSKY_DECODER_INPAINT_REVISION:-}"
+    local controlnet="${KANDINSKY_CONTROLNET:-}" controlnet_revision="${KANDINSKY_CONTROLNET_REVISION:-}"
 
     # no manifest: never exported, or the export failed; or exported from other hub sources or revisions
     if [[ ! -f "${BUNDLE}/manifest.json" ]] || { [[ -z "${KANDINSKY_PRESET:-}" ]] && ! bundle_matches \
-        "${prior}" "${decoder}" "${inpaint}" "${prior_revision}" "${decoder_revision}" "${inpaint_revision}"; }; then
+        "${prior}" "${decoder}" "${inpaint}" "${controlnet}" \
+        "${prior_revision}" "${decoder_revision}" "${inpaint_revision}" "${controlnet_revision}"; }; then
         local source_args
         if [[ -n "${KANDINSKY_PRESET:-}" ]]; then
             log "writing the random-weight '${KANDINSKY_PRESET}' preset"
-            [[ -z "${prior_revision}${decoder_revision}${inpaint_revision}" ]] \
+            [[ -z "${prior_revision}${decoder_revision}${inpaint_revision}${controlnet_revision}" ]] \
                 || log "KANDINSKY_*_REVISION pin hub sources; the preset ignores them"
             kandinsky-export checkpoint --preset "${KANDINSKY_PRESET}" --output "${DATA}/checkpoint"
             source_args=(--checkpoint "${DATA}/checkpoint")
@@ -116,6 +120,8 @@ prepare() {
             [[ -n "${prior_revision}" ]] && source_args+=(--prior-revision "${prior_revision}")
             [[ -n "${decoder_revision}" ]] && source_args+=(--decoder-revision "${decoder_revision}")
             [[ -n "${inpaint}" && -n "${inpaint_revision}" ]] && source_args+=(--decoder-inpaint-revision "${inpaint_revision}")
+            [[ -n "${controlnet}" ]] && source_args+=(--controlnet "${controlnet}")
+            [[ -n "${controlnet}" && -n "${controlnet_revision}" ]] && source_args+=(--controlnet-revision "${controlnet_revision}")
         fi
         log "exporting ONNX to ${BUNDLE} (CPU; about 20 GB of RAM for the released sizes)"
         kandinsky-export onnx "${source_args[@]}" --output "${BUNDLE}"

@@ -8,7 +8,9 @@
 #   PRIOR=... DECODER=...          real checkpoint folders or hub ids (where a network exists), e.g.
 #                                  kandinsky-community/kandinsky-2-2-prior, kandinsky-community/kandinsky-2-2-decoder
 #   DECODER_INPAINT=...            the inpainting decoder (optional)
-#   PRIOR_REVISION=... DECODER_REVISION=... DECODER_INPAINT_REVISION=...
+#   CONTROLNET=...                 the ControlNet-depth decoder (optional), e.g.
+#                                  kandinsky-community/kandinsky-2-2-controlnet-depth
+#   PRIOR_REVISION=... DECODER_REVISION=... DECODER_INPAINT_REVISION=... CONTROLNET_REVISION=...
 #                                  hub revisions (commit ids pin them; default: each repo's default branch)
 #   OUTPUT=outputs/quickstart.png  HEIGHT=256 WIDTH=256 SEED=0
 #   PRIOR_STEPS=... STEPS=...      prior / decoder denoising steps (default: the client's defaults)
@@ -23,12 +25,14 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 if [ -n "${PRIOR:-}" ]; then
   # One artifacts folder per source and revision: another revision is exported, not the old one served.
-  NAME=checkpoint-$(echo "$PRIOR${PRIOR_REVISION:+-prior@$PRIOR_REVISION}${DECODER_REVISION:+-decoder@$DECODER_REVISION}${DECODER_INPAINT_REVISION:+-inpaint@$DECODER_INPAINT_REVISION}" | tr '/:' '__')
+  NAME=checkpoint-$(echo "$PRIOR${PRIOR_REVISION:+-prior@$PRIOR_REVISION}${DECODER_REVISION:+-decoder@$DECODER_REVISION}${DECODER_INPAINT_REVISION:+-inpaint@$DECODER_INPAINT_REVISION}${CONTROLNET:+-controlnet@$CONTROLNET}${CONTROLNET_REVISION:+@$CONTROLNET_REVISION}" | tr '/:' '__')
   SOURCE=(--prior "$PRIOR" --decoder "${DECODER:?set DECODER with PRIOR}")
   [ -n "${DECODER_INPAINT:-}" ] && SOURCE+=(--decoder-inpaint "$DECODER_INPAINT")
   [ -n "${PRIOR_REVISION:-}" ] && SOURCE+=(--prior-revision "$PRIOR_REVISION")
   [ -n "${DECODER_REVISION:-}" ] && SOURCE+=(--decoder-revision "$DECODER_REVISION")
   [ -n "${DECODER_INPAINT_REVISION:-}" ] && SOURCE+=(--decoder-inpaint-revision "$DECODER_INPAINT_REVISION")
+  [ -n "${CONTROLNET:-}" ] && SOURCE+=(--controlnet "$CONTROLNET")
+  [ -n "${CONTROLNET_REVISION:-}" ] && SOURCE+=(--controlnet-revision "$CONTROLNET_REVISION")
 else
   NAME=$PRESET
   SOURCE=(--checkpoint "artifacts/$NAME/checkpoint")

@@ -314,6 +314,18 @@ def test_a_new_checkpoint_revision_is_a_new_key_job_and_rolling_update(default):
         json.loads(env["KANDINSKY_KEY_SOURCE"])["checkpoint"]["priorRevision"]
         == env["KANDINSKY_PRIOR_REVISION"]
     )
+    # The ControlNet part is opt-in, reaches the prepare Job like the other parts, and changes the key
+    depth = "kandinsky-community/kandinsky-2-2-controlnet-depth"
+    with_controlnet = render({"checkpoint": {"controlnet": depth, "controlnetRevision": "4" * 40}})
+    controlnet_env = {e["name"]: e.get("value") for e in container(find(with_controlnet, "Job"))["env"]}
+    assert (controlnet_env["KANDINSKY_CONTROLNET"], controlnet_env["KANDINSKY_CONTROLNET_REVISION"]) == (
+        depth,
+        "4" * 40,
+    )
+    assert {e["name"]: e.get("value") for e in container(find(default, "Job"))["env"]}[
+        "KANDINSKY_CONTROLNET"
+    ] == ""
+    assert controlnet_env["KANDINSKY_KEY"] != old_key
     # Settings that do not change what is built keep the key (no rebuild)
     assert (
         find(render({"triton": {"replicas": 5}, "gateway": {"replicas": 4}}), "Deployment", "-triton")[

@@ -293,3 +293,25 @@ def test_pinned_revisions_reach_the_export_and_a_new_revision_exports_again(cont
         ["kandinsky-export", "onnx"]
     ) == 2  # other revisions: exported again
     assert "exported from" in again.stderr
+
+
+def test_controlnet_is_opt_in_and_pinned_like_the_other_parts(container) -> None:
+    """KANDINSKY_CONTROLNET adds the ControlNet UNet (and its revision) to the export; unset, none is asked
+    for; a bundle without it is exported again once it is asked for."""
+    run, calls, data = container
+    assert run("prepare").returncode == 0
+    onnx = " ".join(next(c for c in calls() if c[:2] == ["kandinsky-export", "onnx"]))
+    assert "--controlnet" not in onnx
+
+    recorded = {
+        "prior": "kandinsky-community/kandinsky-2-2-prior",
+        "decoder": "kandinsky-community/kandinsky-2-2-decoder",
+        "decoder_inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
+    }
+    (data / "bundle" / "manifest.json").write_text(json.dumps({"checkpoint": recorded}))
+    depth = "kandinsky-community/kandinsky-2-2-controlnet-depth"
+    again = run("prepare", KANDINSKY_CONTROLNET=depth, KANDINSKY_CONTROLNET_REVISION="4" * 40)
+    assert again.returncode == 0, again.stderr
+    exports = [" ".join(c) for c in calls() if c[:2] == ["kandinsky-export", "onnx"]]
+    assert len(exports) == 2, exports  # the bundle lacked the ControlNet: exported again
+    assert f"--controlnet {depth}" in exports[-1] and f"--controlnet-revision {'4' * 40}" in exports[-1]
