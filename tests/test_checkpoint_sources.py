@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kandinsky_client.components import INPAINT_MOVQ_COMPONENTS
+from kandinsky_client.server_info import INPAINT_MOVQ_PARAMETER
 from kandinsky_export.checkpoint import Checkpoint
-from kandinsky_export.inpaint_movq import ALLOW_MISMATCH_FLAG, InpaintMovqMismatch, movq_record
-from kandinsky_export.onnx_export import export_bundle, export_tokenizer
+from kandinsky_export.inpaint_movq import InpaintMovqMismatch, movq_record, own_movq_components
+from kandinsky_export.onnx_export import export_tokenizer
 from kandinsky_export.released_layout import write_released_tokenizer
 from kandinsky_repository.python_models.tokenizer import load_tokenizer, tokenize
 from safetensors.torch import load_file, save_file
@@ -203,9 +205,20 @@ def test_identical_inpaint_movq_is_shared_and_recorded(tiny_bundle):
     assert movq["exported_from"] == "decoder"
     assert movq["decoder_inpaint_movq"] == "decoder"
     assert movq["digests"]["decoder_inpaint"] == movq["digests"]["decoder"]
+    assert not set(INPAINT_MOVQ_COMPONENTS) & set(manifest["components"])  # no second MoVQ exported
 
 
-def test_different_inpaint_movq_is_refused_before_any_export(tiny_checkpoint_root, tmp_path):
+def test_identical_inpaint_movq_serves_no_extra_models(tiny_repository):
+    from kandinsky_client.components import DECODE_IMAGE_INPAINT, ENCODE_LATENTS_INPAINT
+    from kandinsky_repository.generate import read_config
+
+    for name in (*INPAINT_MOVQ_COMPONENTS, DECODE_IMAGE_INPAINT.name, ENCODE_LATENTS_INPAINT.name):
+        assert not (tiny_repository / name).exists(), name
+    parameters = read_config(tiny_repository / "unet_inpaint").parameters
+    assert parameters[INPAINT_MOVQ_PARAMETER].string_value == "false"
+
+
+def test_different_inpaint_movq_is_exported_unless_shared_on_purpose(tiny_checkpoint_root, tmp_path):
     root = _copy_checkpoint(tiny_checkpoint_root, tmp_path / "checkpoint")
     weights = root / "decoder_inpaint" / "movq" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
@@ -213,13 +226,26 @@ def test_different_inpaint_movq_is_refused_before_any_export(tiny_checkpoint_roo
     tensors[name] = tensors[name] + torch.full_like(tensors[name], 1e-3)
     save_file(tensors, weights)
     checkpoint = Checkpoint.from_root(root)
-    out = tmp_path / "bundle"
-    with pytest.raises(InpaintMovqMismatch, match=ALLOW_MISMATCH_FLAG):
-        export_bundle(checkpoint, out)
-    assert not out.exists()  # refused before anything was exported
-    record = movq_record(checkpoint, allow_mismatch=True)
-    assert record["decoder_inpaint_movq"].startswith("decoder (differs")
+    record = movq_record(checkpoint)
+    assert record["decoder_inpaint_movq"] == "decoder_inpaint"
     assert record["digests"]["decoder_inpaint"] != record["digests"]["decoder"]
+    assert own_movq_components(record) == list(INPAINT_MOVQ_COMPONENTS)
+    shared = movq_record(checkpoint, allow_mismatch=True)  # ALLOW_MISMATCH_FLAG: one MoVQ served
+    assert shared["decoder_inpaint_movq"].startswith("decoder (differs")
+    assert own_movq_components(shared) == []
+
+
+def test_inpaint_movq_with_other_latent_shapes_is_refused(tiny_checkpoint_root, tmp_path):
+    """One set of dims serves both MoVQs, so the inpainting one must make latents of the same shape."""
+    from diffusers import VQModel
+
+    root = _copy_checkpoint(tiny_checkpoint_root, tmp_path / "checkpoint")
+    folder = root / "decoder_inpaint" / "movq"
+    config = dict(VQModel.load_config(folder))
+    shutil.rmtree(folder)
+    VQModel.from_config({**config, "latent_channels": 2 * config["latent_channels"]}).save_pretrained(folder)
+    with pytest.raises(InpaintMovqMismatch, match="latents"):
+        movq_record(Checkpoint.from_root(root))
 
 
 def test_merges_are_read_as_clips_reader_reads_them():

@@ -65,6 +65,10 @@ ROWS_PER_IMAGE = {
     "decode_image": (1, 1),
     "encode_image": (1, 1),
     "encode_latents": (1, 1),
+    "movq_encoder_inpaint": (1, 1),  # the inpainting repo's own MoVQ, where it differs
+    "movq_decoder_inpaint": (1, 1),
+    "encode_latents_inpaint": (1, 1),
+    "decode_image_inpaint": (1, 1),
 }
 
 

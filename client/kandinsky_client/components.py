@@ -12,7 +12,7 @@ The first dimension of every tensor is the batch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -285,6 +285,24 @@ MOVQ_DECODER = ComponentSpec(
     **_ONE_ROW,
 )
 
+# The inpainting repo's own MoVQ, exported only where it differs from the decoder's (diffusers' inpainting
+# pipeline uses it; an identical one shares the decoder's export: export/kandinsky_export/inpaint_movq.py).
+MOVQ_ENCODER_INPAINT = replace(
+    MOVQ_ENCODER,
+    name="movq_encoder_inpaint",
+    checkpoint="decoder_inpaint",
+    optional=True,
+    description="The inpainting repo's own MoVQ encoder (served only where it differs from the decoder's).",
+)
+MOVQ_DECODER_INPAINT = replace(
+    MOVQ_DECODER,
+    name="movq_decoder_inpaint",
+    checkpoint="decoder_inpaint",
+    optional=True,
+    description="The inpainting repo's own MoVQ decoder (served only where it differs from the decoder's).",
+)
+INPAINT_MOVQ_COMPONENTS = (MOVQ_ENCODER_INPAINT.name, MOVQ_DECODER_INPAINT.name)
+
 COMPONENTS: dict[str, ComponentSpec] = {
     c.name: c
     for c in (
@@ -296,6 +314,8 @@ COMPONENTS: dict[str, ComponentSpec] = {
         UNET_CONTROLNET,
         MOVQ_ENCODER,
         MOVQ_DECODER,
+        MOVQ_ENCODER_INPAINT,
+        MOVQ_DECODER_INPAINT,
     )
 }
 
@@ -401,6 +421,33 @@ ENCODE_LATENTS = ServedModelSpec(
     steps=("preprocess_movq_image", "movq_encoder"),
 )
 
+# The same ensembles on the inpainting repo's own MoVQ (written only where its components are exported).
+DECODE_IMAGE_INPAINT = replace(
+    DECODE_IMAGE,
+    name="decode_image_inpaint",
+    description="Ensemble: latents -> the inpainting repo's MoVQ decoder -> uint8 RGB.",
+    steps=(MOVQ_DECODER_INPAINT.name, "postprocess_image"),
+)
+ENCODE_LATENTS_INPAINT = replace(
+    ENCODE_LATENTS,
+    name="encode_latents_inpaint",
+    description="Ensemble: uint8 RGB -> [-1, 1] -> the inpainting repo's MoVQ encoder -> latents.",
+    steps=("preprocess_movq_image", MOVQ_ENCODER_INPAINT.name),
+)
+
+
+@dataclass(frozen=True)
+class MovqModels:
+    """The MoVQ models one generation encodes and decodes with (the decoder's, or the inpainting repo's)."""
+
+    encode_latents: ServedModelSpec
+    decode_image: ServedModelSpec
+    decoder: ComponentSpec  # the bare decoder, for float output (`output_type="np"`)
+
+
+MOVQ = MovqModels(ENCODE_LATENTS, DECODE_IMAGE, MOVQ_DECODER)
+INPAINT_MOVQ = MovqModels(ENCODE_LATENTS_INPAINT, DECODE_IMAGE_INPAINT, MOVQ_DECODER_INPAINT)
+
 SERVED_MODELS: dict[str, ServedModelSpec] = {
     m.name: m
     for m in (
@@ -413,6 +460,8 @@ SERVED_MODELS: dict[str, ServedModelSpec] = {
         DECODE_IMAGE,
         ENCODE_IMAGE,
         ENCODE_LATENTS,
+        DECODE_IMAGE_INPAINT,
+        ENCODE_LATENTS_INPAINT,
     )
 }
 

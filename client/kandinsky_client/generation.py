@@ -57,6 +57,7 @@ from .request import (
     FUSE,
     IMAGE_TO_IMAGE,
     INPAINT,
+    MODE_MODELS,
     OUTPAINT,
     TEXT_TO_IMAGE,
     VARIATIONS,
@@ -233,18 +234,36 @@ class Generator:
         run = _Run(noise or SeededNoise(request.seed), callback_on_step_end)
         with run.timed("total"):
             image_embeds, negative, latents = self.MODES[request.mode](self, request, run)
-            images = self.output(latents, request.output_type, run)
+            images = self.output(latents, request.output_type, run, self.movq(request.mode))
         return Generation(images, image_embeds, negative, request.seed, run.timings)
 
-    def output(self, latents: np.ndarray, output_type: str, run: _Run) -> Any:
+    def output(
+        self, latents: np.ndarray, output_type: str, run: _Run, movq: registry.MovqModels = registry.MOVQ
+    ) -> Any:
         """diffusers' output types: PIL images, float images in [0, 1] (NHWC), or the latents themselves."""
         if output_type == "latent":
             return latents
         if output_type == "np":
             with run.timed("decode_image"):
-                image = self.infer.infer(registry.MOVQ_DECODER, {"latents": latents})["image"]
+                image = self.infer.infer(movq.decoder, {"latents": latents})["image"]
             return np.clip(image * np.float32(0.5) + np.float32(0.5), 0.0, 1.0).transpose(0, 2, 3, 1)
-        return self.decode_latents(latents, run)
+        return self.decode_latents(latents, run, movq)
+
+    def movq(self, mode: str) -> registry.MovqModels:
+        """The MoVQ a mode encodes and decodes with: inpainting and outpainting use the inpainting repo's
+        own where the server serves it (it differs from the decoder's), as diffusers' inpaint pipeline does."""
+        if mode in (INPAINT, OUTPAINT) and self.info.inpaint_own_movq:
+            return registry.INPAINT_MOVQ
+        return registry.MOVQ
+
+    def required_models(self, mode: str) -> tuple[str, ...]:
+        """The served models `mode` needs here: MODE_MODELS, with the MoVQ ensembles of `movq(mode)`."""
+        movq = self.movq(mode)
+        own = {
+            registry.ENCODE_LATENTS.name: movq.encode_latents.name,
+            registry.DECODE_IMAGE.name: movq.decode_image.name,
+        }
+        return tuple(own.get(name, name) for name in MODE_MODELS[mode])
 
     def loop_steps(self, request: GenerationRequest) -> dict[str, int]:
         """Steps of one prior loop and of the decoder loop of a checked request (strength cuts them)."""
@@ -316,7 +335,8 @@ class Generator:
     ) -> _ModeResult:
         image_embeds, negative = self._prior_for(request, run)
         height, width = request.height, request.width
-        image_latents = self.encode_latents(resize_for_movq(picture, height, width), run)
+        picture_rgb = resize_for_movq(picture, height, width)
+        image_latents = self.encode_latents(picture_rgb, run, self.movq(request.mode))
         keep = latent_keep_mask(repaint_mask(mask, height, width), image_latents.shape[-2:])
         start = self.decoder_inpainting(request, len(image_embeds), image_latents, keep, run)
         return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
@@ -371,10 +391,12 @@ class Generator:
             rgb = rgb_array(fit_within(picture, MAX_INPUT_IMAGE_SIDE))
             return self.infer.infer(registry.ENCODE_IMAGE, {"image_rgb": rgb})["image_embeds"]
 
-    def encode_latents(self, image_rgb: np.ndarray, run: _Run) -> np.ndarray:
+    def encode_latents(
+        self, image_rgb: np.ndarray, run: _Run, movq: registry.MovqModels = registry.MOVQ
+    ) -> np.ndarray:
         """uint8 [batch, H, W, 3] at the generation size -> MoVQ latents (no quantisation, no scaling)."""
         with run.timed("encode_latents"):
-            return self.infer.infer(registry.ENCODE_LATENTS, {"image_rgb": image_rgb})["latents"]
+            return self.infer.infer(movq.encode_latents, {"image_rgb": image_rgb})["latents"]
 
     def zero_image_embeds(self, batch: int) -> np.ndarray:
         """The negative image embedding diffusers uses without a negative prompt (a checkpoint constant).
@@ -698,7 +720,9 @@ class Generator:
 
         return predict
 
-    def decode_latents(self, latents: np.ndarray, run: _Run) -> list[Image.Image]:
+    def decode_latents(
+        self, latents: np.ndarray, run: _Run, movq: registry.MovqModels = registry.MOVQ
+    ) -> list[Image.Image]:
         with run.timed("decode_image"):
-            rgb = self.infer.infer(registry.DECODE_IMAGE, {"latents": latents})["image_rgb"]
+            rgb = self.infer.infer(movq.decode_image, {"latents": latents})["image_rgb"]
         return [Image.fromarray(image) for image in rgb]

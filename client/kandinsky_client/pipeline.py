@@ -26,7 +26,6 @@ from .request import (
     FUSE,
     IMAGE_TO_IMAGE,
     INPAINT,
-    MODE_MODELS,
     OUTPAINT,
     TEXT_TO_IMAGE,
     VARIATIONS,
@@ -117,7 +116,7 @@ class KandinskyClient:
         if self.loop == "client":
             if on_preview is not None:
                 raise InvalidRequest("on_preview", "previews come from the server loop (loop='server')")
-            self.transport.require_ready(MODE_MODELS[checked.mode])
+            self.transport.require_ready(self.generator.required_models(checked.mode))
             return self.generator.generate(checked, noise, callback_on_step_end)
         if noise is not None:
             raise InvalidRequest("noise", "replayed noise needs the client-side loop (loop='client')")

@@ -22,12 +22,15 @@ _UNET_PURPOSES = {"unet_inpaint": "inpainting", "unet_controlnet": "ControlNet"}
 
 # The layout of the parameters below. `kandinsky-repository` writes it into the `unet` config; a client
 # reads only a repository of a format it knows (raise it whenever a parameter's meaning changes).
-REPOSITORY_FORMAT = 2
+REPOSITORY_FORMAT = 3  # 3: `own_movq` on unet_inpaint (a client before it would inpaint with the wrong MoVQ)
 COMPATIBLE_REPOSITORY_FORMATS = frozenset({REPOSITORY_FORMAT})
 REPOSITORY_FORMAT_PARAMETER = "repository_format"
 # The image sizes the server accepts, written by every flavour (`profiles.image_size_limits`):
 # {"min": pixels, "max": pixels, "static": [height, width] or null}.
 IMAGE_SIZES_PARAMETER = "image_sizes"
+# Written into the `unet_inpaint` config (true/false): whether inpainting and outpainting encode and decode
+# with the inpainting repo's own MoVQ (`movq_*_inpaint`, exported where it differs from the decoder's).
+INPAINT_MOVQ_PARAMETER = "own_movq"
 
 
 class IncompatibleServer(KandinskyClientError):
@@ -47,6 +50,7 @@ class ServerInfo:
     controlnet_scheduler: dict | None = None  # None when the repository has no ControlNet UNet
     min_image_size: int = 0  # 0: the checkpoint's size multiple; TensorRT engines accept their profile only
     static_size: tuple[int, int] | None = None  # (height, width) of static-shape engines
+    inpaint_own_movq: bool = False  # inpainting uses the `*_inpaint` MoVQ models (INPAINT_MOVQ_PARAMETER)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any] | None]) -> ServerInfo:
@@ -71,6 +75,7 @@ class ServerInfo:
             controlnet_scheduler=controlnet.get("scheduler_config") if controlnet else None,
             min_image_size=max(dims.size_multiple, int(sizes["min"])),
             static_size=(int(static[0]), int(static[1])) if static else None,
+            inpaint_own_movq=bool(inpaint) and str(inpaint.get(INPAINT_MOVQ_PARAMETER)).lower() == "true",
         )
 
     @classmethod

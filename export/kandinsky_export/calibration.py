@@ -8,7 +8,8 @@ numpy pre/post-processing, at the size asked (the engines' optimum), and records
 
 - text_encoder, prior, unet, movq_decoder: a text-to-image generation with a negative prompt;
 - image_encoder, movq_encoder: the generated image, encoded as the image modes encode an input image;
-- unet_inpaint: an inpainting generation on that image with a centred mask (when the bundle has it);
+- unet_inpaint (and the inpainting repo's own MoVQ, where exported): an inpainting generation on that
+  image with a centred mask (when the bundle has it);
 - unet_controlnet: a ControlNet generation with that image's luminance as the depth hint (when present),
   left undecoded so that the MoVQ decoder's verdict does not change with whether a ControlNet is served
   (with it decoded, the tiny preset's random MoVQ overflowed in FP16 on those latents: 255 levels off).
@@ -116,13 +117,15 @@ class BundleInfer:
                 "image_embeds": latents * self.clip_std + self.clip_mean,
                 "zero_image_embeds": np.repeat(self.zero_image_embeds[None, :], len(latents), axis=0),
             }
-        if name == registry.DECODE_IMAGE.name:
-            return {"image_rgb": to_uint8_rgb(self.network("movq_decoder", inputs)["image"])}
+        if name in (registry.DECODE_IMAGE.name, registry.DECODE_IMAGE_INPAINT.name):
+            decoder = spec.steps[0]  # the decoder's MoVQ, or the inpainting repo's own
+            return {"image_rgb": to_uint8_rgb(self.network(decoder, inputs)["image"])}
         if name == registry.ENCODE_IMAGE.name:
             pixels = clip_preprocess(np.asarray(inputs["image_rgb"], np.uint8), self.clip)
             return self.network("image_encoder", {"pixel_values": pixels})
-        if name == registry.ENCODE_LATENTS.name:
-            return self.network("movq_encoder", {"image": movq_preprocess(np.asarray(inputs["image_rgb"]))})
+        if name in (registry.ENCODE_LATENTS.name, registry.ENCODE_LATENTS_INPAINT.name):
+            encoder = spec.steps[-1]
+            return self.network(encoder, {"image": movq_preprocess(np.asarray(inputs["image_rgb"]))})
         raise KeyError(f"the bundle runner does not serve '{name}'")
 
 
@@ -143,6 +146,7 @@ def bundle_info(manifest: Mapping[str, Any], max_image_size: int) -> ServerInfo:
         max_images_per_request=MAX_IMAGES_PER_REQUEST,
         inpaint_scheduler=schedulers.get("decoder_inpaint"),
         controlnet_scheduler=schedulers.get("controlnet"),
+        inpaint_own_movq=registry.MOVQ_DECODER_INPAINT.name in manifest["components"],
     )
 
 

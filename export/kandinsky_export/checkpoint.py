@@ -31,6 +31,8 @@ SUBFOLDERS = {
     "unet_controlnet": ("controlnet", "unet"),
     "movq_encoder": ("decoder", "movq"),
     "movq_decoder": ("decoder", "movq"),
+    "movq_encoder_inpaint": ("decoder_inpaint", "movq"),
+    "movq_decoder_inpaint": ("decoder_inpaint", "movq"),
 }
 
 
@@ -147,6 +149,8 @@ class Checkpoint:
             "unet_controlnet": UNet2DConditionModel,
             "movq_encoder": VQModel,
             "movq_decoder": VQModel,
+            "movq_encoder_inpaint": VQModel,
+            "movq_decoder_inpaint": VQModel,
         }
         part, subfolder = SUBFOLDERS[component]
         logger.info("loading %s from %s/%s", component, self.part(part), subfolder)

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ALLOW_MISMATCH_FLAG,
         action="store_true",
         help="serve inpainting with the decoder's MoVQ even where the inpainting repo's own MoVQ differs "
-        "(default: refuse; see inpaint_movq.py)",
+        "(default: export the inpainting repo's MoVQ as components of its own; see inpaint_movq.py)",
     )
     onnx.add_argument("--output", type=Path, required=True)
 

@@ -90,6 +90,8 @@ MODEL_TYPES = {
     "unet_controlnet": "unet",
     "movq_encoder": "vae",
     "movq_decoder": "vae",
+    "movq_encoder_inpaint": "vae",
+    "movq_decoder_inpaint": "vae",
 }
 
 FUSION_SETS = ("portable", "cuda")

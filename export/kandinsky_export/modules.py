@@ -125,6 +125,8 @@ WRAPPERS: dict[str, type[torch.nn.Module]] = {
     "unet_controlnet": UNetControlnet,
     "movq_encoder": MoVQEncoder,
     "movq_decoder": MoVQDecoder,
+    "movq_encoder_inpaint": MoVQEncoder,
+    "movq_decoder_inpaint": MoVQDecoder,
 }
 
 

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from kandinsky_client.components import COMPONENTS, UNET_CONTROLNET, ComponentSpec
+from kandinsky_client.components import COMPONENTS, INPAINT_MOVQ_COMPONENTS, UNET_CONTROLNET, ComponentSpec
 from tqdm.auto import tqdm
 
 from . import bundle as layout
 from .bundle import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, ONNX_FILE
 from .checkpoint import Checkpoint
 from .controlnet import check_controlnet_movq, check_controlnet_unet
-from .inpaint_movq import movq_record
+from .inpaint_movq import movq_record, own_movq_components
 from .modules import build_wrapper, sample_inputs, to_torch
 from .tokenizer import tokenizer_bundle, write_tokenizer_bundle
 
@@ -252,16 +252,21 @@ def export_bundle(
     `export_failed.json` records the failures and RuntimeError is raised. An interrupted or failed export
     therefore never leaves a manifest that later steps (FP16, engines, the repository) would trust.
     Exporting a subset keeps the other components' entries of the previous manifest.
-    The inpainting repo's own MoVQ is compared with the decoder's first (inpaint_movq.py): a mismatch
-    stops the export before anything is exported, unless `allow_inpaint_movq_mismatch`.
+    The inpainting repo's own MoVQ is compared with the decoder's first (inpaint_movq.py): it is exported
+    as `movq_*_inpaint` only where it differs (and not `allow_inpaint_movq_mismatch`), else shared.
     """
     movq = movq_record(checkpoint, allow_mismatch=allow_inpaint_movq_mismatch)
+    own_movq = own_movq_components(movq)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_manifest(out_dir)
     layout.manifest_path(out_dir).unlink(missing_ok=True)
     (out_dir / layout.FAILED_EXPORT).unlink(missing_ok=True)
-    wanted = components or [name for name, spec in COMPONENTS.items() if checkpoint.has(spec.checkpoint)]
+    wanted = components or [
+        name
+        for name, spec in COMPONENTS.items()
+        if checkpoint.has(spec.checkpoint) and (name not in INPAINT_MOVQ_COMPONENTS or name in own_movq)
+    ]
     reports: list[ParityReport] = []
     for component in tqdm(wanted, desc="exporting ONNX", unit="component"):
         component_reports = export_component(checkpoint, component, out_dir)
@@ -281,6 +286,8 @@ def export_bundle(
     export_tokenizer(checkpoint, out_dir)
     export_image_processor(checkpoint, out_dir)
     manifest = build_manifest(checkpoint, out_dir, wanted, reports, previous)
+    for stale in set(INPAINT_MOVQ_COMPONENTS) - set(own_movq) - set(wanted):
+        manifest["components"].pop(stale, None)  # an earlier export's own MoVQ, now shared
     manifest["movq"] = movq
     layout.write_manifest(out_dir, manifest)
     return reports

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from kandinsky_client.components import (
     COMPONENTS,
+    INPAINT_MOVQ_COMPONENTS,
     MAX_IMAGE_SIZE,
     MAX_IMAGES_PER_REQUEST,
     MAX_INPUT_IMAGE_SIDE,
@@ -35,6 +36,7 @@ from kandinsky_client.components import (
 from kandinsky_client.profiles import image_size_limits, intersect_size_limits
 from kandinsky_client.server_info import (
     IMAGE_SIZES_PARAMETER,
+    INPAINT_MOVQ_PARAMETER,
     REPOSITORY_FORMAT,
     REPOSITORY_FORMAT_PARAMETER,
 )
@@ -204,6 +206,9 @@ def component_parameters(name: str, manifest: dict, dims: ModelDims, options: Re
     if part:
         parameters["scheduler_config"] = schedulers[part]
         parameters["num_train_timesteps"] = str(schedulers[part].get("num_train_timesteps", 1000))
+    if name == "unet_inpaint":
+        own_movq = all(movq in manifest["components"] for movq in INPAINT_MOVQ_COMPONENTS)
+        parameters[INPAINT_MOVQ_PARAMETER] = "true" if own_movq else "false"
     if name == "text_encoder":
         parameters["vocab_size"] = str(manifest["vocab_size"])
     if name == "unet":

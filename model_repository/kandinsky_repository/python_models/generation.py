@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from kandinsky_client import components as registry
 from kandinsky_client.components import ModelSpec, model_inputs
 from kandinsky_client.errors import (
     Cancelled,
@@ -46,7 +45,6 @@ from kandinsky_client.errors import (
     error_message,
 )
 from kandinsky_client.generation import DECODER_STAGE, Generator
-from kandinsky_client.request import MODE_MODELS
 from kandinsky_client.server_info import ServerInfo
 from kandinsky_client.validation import check_request
 from kandinsky_client.wire import ResponseOptions, final_outputs, png_base64, request_from_inputs
@@ -153,7 +151,7 @@ class KandinskyGeneration:
         checked = check_request(generation_request, self.info)
         transport = BlsTransport(pb, deadline)
         generator = Generator(transport, self.info, self.zero_image_embeds)
-        missing = [m for m in MODE_MODELS[checked.mode] if m not in self.served_models]
+        missing = [m for m in generator.required_models(checked.mode) if m not in self.served_models]
         if missing:
             raise ModelNotReady(
                 f"mode {checked.mode} needs model(s) {missing}, which this server does not have"
@@ -179,7 +177,8 @@ class KandinskyGeneration:
                     and stage == DECODER_STAGE
                     and (step + 1) % options.preview_every == 0
                 ):
-                    rgb = transport.infer(registry.DECODE_IMAGE, {"latents": latents})["image_rgb"]
+                    decode = generator.movq(checked.mode).decode_image
+                    rgb = transport.infer(decode, {"latents": latents})["image_rgb"]
                     outputs["preview"] = np.array([png_base64(_image(x)) for x in rgb], dtype=np.object_)
                 sender.send(pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()]))
 
