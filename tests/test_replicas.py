@@ -21,6 +21,11 @@ REPLICAS = 3
 # 6 clients x 3 generations, 64x64, 2 prior + 20 decoder steps (LoadPlan): each run takes a few seconds on 2 cores,
 # and a generation lasts long enough that the killed replica has some in flight.
 CLIENTS, GENERATIONS = 6, 3
+# The kill goes to the replica that ran the most UNet steps in the last 50 ms; on a loaded 2-core machine
+# its generations may all finish in the moment before the kill (a full-suite run saw it once). That run
+# proves nothing about failures, so the scenario is repeated, up to this many times, until a generation
+# was on the killed replica; every run must still lose nothing.
+ATTEMPTS = 3
 
 
 @pytest.fixture(scope="module")
@@ -32,23 +37,28 @@ def replicas(nginx_with_njs, tiny_repository, tmp_path_factory):
 @pytest.mark.parametrize("loop", ["client", "server"])
 def test_a_killed_replica_loses_no_generation(replicas, loop):
     plan = LoadPlan(loop, clients=CLIENTS, generations=GENERATIONS)
-    reference, failed = failover_runs(replicas, plan)
-    rows = [reference.counts(), failed.counts(reference)]
-    print("\n" + table(rows))  # pytest -s shows it
-    assert rows[0]["lost"] == 0, rows[0]["errors"]
-    assert failed.killed is not None, "no replica was killed"
-    row = rows[1]
-    # Every generation completed, each with the very image of the run without a failure (same seed).
-    assert row["attempted"] == row["completed"] == plan.total, row["errors"]
-    assert row["different_image"] == 0 and row["lost"] == 0
-    if loop == "server":
-        # The generations on the dead replica failed with a retryable error and were sent again whole.
-        assert row["generation_retries"] >= 1, row
-    else:
-        # Steps on the dead replica were sent again: by the gateway (before their response started) or
-        # by the client's retry policy.
-        assert row["step_retries"] + row["gateway_retries"] >= 1, row
-    assert sorted(replicas.alive()) == list(range(REPLICAS)), "the killed replica was started again"
+    rows = []
+    for _ in range(ATTEMPTS):
+        reference, failed = failover_runs(replicas, plan)
+        rows = [reference.counts(), failed.counts(reference)]
+        print("\n" + table(rows))  # pytest -s shows it
+        assert rows[0]["lost"] == 0, rows[0]["errors"]
+        assert failed.killed is not None, "no replica was killed"
+        row = rows[1]
+        # Every generation completed, each with the very image of the run without a failure (same seed).
+        assert row["attempted"] == row["completed"] == plan.total, row["errors"]
+        assert row["different_image"] == 0 and row["lost"] == 0
+        assert sorted(replicas.alive()) == list(range(REPLICAS)), "the killed replica was started again"
+        if loop == "server":
+            # The generations on the dead replica failed with a retryable error and were sent again whole.
+            hit = row["generation_retries"] >= 1
+        else:
+            # Steps on the dead replica were sent again: by the gateway (before their response started) or
+            # by the client's retry policy.
+            hit = row["step_retries"] + row["gateway_retries"] >= 1
+        if hit:
+            break
+    assert hit, f"no generation was on the killed replica in {ATTEMPTS} runs: {rows}"
 
 
 def test_without_generation_retries_the_failure_is_a_clear_retryable_error(replicas):
@@ -69,13 +79,17 @@ def test_without_generation_retries_the_failure_is_a_clear_retryable_error(repli
         killed.append(index)
         return index
 
-    started = time.monotonic()
     try:
-        result = run_load(replicas.url("grpc"), plan, kill=kill, kill_after=1)
-        elapsed = time.monotonic() - started
-        assert killed
-        errors = [o.error for o in result.outcomes if o.error is not None]
-        assert errors, "no generation was running on the killed replica"
+        for _ in range(ATTEMPTS):
+            started = time.monotonic()
+            result = run_load(replicas.url("grpc"), plan, kill=kill, kill_after=1)
+            elapsed = time.monotonic() - started
+            assert killed
+            errors = [o.error for o in result.outcomes if o.error is not None]
+            if errors:
+                break
+            replicas.restart(killed.pop())  # nothing was running there: try again with every replica up
+        assert errors, f"no generation was running on the killed replica in {ATTEMPTS} runs"
         for error in errors:
             assert isinstance(error, ServerUnavailable) and error.retryable, repr(error)
             assert "was not sent again" in str(error) and "retryable" in str(error), str(error)
