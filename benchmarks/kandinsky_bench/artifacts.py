@@ -147,3 +147,14 @@ def ensure_artifacts(
     for stage, seconds in built.items():
         logger.info("built %s in %.1fs", stage, seconds)
     return Artifacts(checkpoint_root, bundle, repository, built)
+
+
+def subcommand_artifacts(args: Any) -> Artifacts:
+    """The preset's artifacts with the default repository, for `kandinsky-bench <subcommand>` (its
+    `--preset` and `--artifacts`, from `served.add_subcommand_arguments`)."""
+    from kandinsky_repository.generate import RepositoryOptions
+
+    folder = args.artifacts or Path("artifacts") / args.preset
+    return ensure_artifacts(
+        folder, preset=args.preset, checkpoint_root=None, repository_options=RepositoryOptions()
+    )

@@ -472,18 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
 
-    from kandinsky_repository.generate import RepositoryOptions
-
-    from .artifacts import ensure_artifacts
+    from .artifacts import subcommand_artifacts
     from .machine import machine_line
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    folder = args.artifacts or Path("artifacts") / args.preset
-    artifacts = ensure_artifacts(
-        folder, preset=args.preset, checkpoint_root=None, repository_options=RepositoryOptions()
-    )
+    artifacts = subcommand_artifacts(args)
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Replicas(artifacts.repository, args.replicas) as replicas:

@@ -21,10 +21,9 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kandinsky_client.generation import scheduler_stage
+from kandinsky_client.generation import DECODER_STAGE, scheduler_stage
 from kandinsky_client.schedulers.factory import DECODER_SCHEDULERS
 from tqdm.auto import tqdm
 
@@ -33,7 +32,6 @@ from .stats import percentile
 
 logger = logging.getLogger(__name__)
 
-DECODER_STAGE = "decoder"
 # The comparison users ask for: DPM-Solver++ (2M) at DPM-Solver's recommended 20 steps vs DDPM at 50.
 FEW_STEPS = ("DPMSolverMultistepScheduler", 20)
 MANY_STEPS = ("DDPMScheduler", 50)
@@ -113,10 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kandinsky_repository.generate import RepositoryOptions
     from kandinsky_repository.server import TritonServer, free_port
 
-    from .artifacts import ensure_artifacts
+    from .artifacts import subcommand_artifacts
     from .machine import machine_line
 
     args = parse_args(argv)
@@ -128,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     server = None
     if args.url is None:
-        folder = args.artifacts or Path("artifacts") / args.preset
-        artifacts = ensure_artifacts(
-            folder, preset=args.preset, checkpoint_root=None, repository_options=RepositoryOptions()
-        )
+        artifacts = subcommand_artifacts(args)
         server = TritonServer(
             artifacts.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
         )
