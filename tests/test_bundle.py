@@ -197,7 +197,12 @@ def test_the_generator_modules_do_not_import_each_other() -> None:
         return found
 
     package = ROOT / "model_repository" / "kandinsky_repository"
-    gpu = imports(package / "gpu_backends.py")
+    gpu = set().union(
+        *(
+            imports(package / name)
+            for name in ("gpu_backends.py", "onnxruntime_flavour.py", "tensorrt_flavour.py")
+        )
+    )
     assert ".generate" not in gpu and "kandinsky_repository.generate" not in gpu
     # the profile logic lives next to the registry: the generator needs no export module but the layout
     assert not {m for m in gpu | imports(package / "generate.py") if m.startswith("kandinsky_export.")} - {

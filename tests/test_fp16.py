@@ -199,7 +199,7 @@ def test_layer_norm_over_channels_is_not_scaled_by_the_image(tiny_bundle, tmp_pa
 
 def test_overflow_falls_back_to_fp32(tiny_bundle, tmp_path: Path) -> None:
     """Activations beyond FP16's range: every block list fails (Inf/NaN), the component stays FP32."""
-    from kandinsky_repository.gpu_backends import select_variant
+    from kandinsky_repository.onnxruntime_flavour import select_variant
 
     bundle = _scaled_movq_decoder(tiny_bundle[0], tmp_path / "bundle", 1e6)
     (result,) = convert_bundle(bundle, ["movq_decoder"], check_size=CHECK_SIZE)

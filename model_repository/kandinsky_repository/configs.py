@@ -1,6 +1,6 @@
 """Building blocks of the generated repository: options, Triton config messages, files. Shared by
-`generate.py` (every flavour) and `gpu_backends.py` (the GPU flavours), which import this module and not
-each other's.
+`generate.py` (every flavour) and the GPU flavour modules (`gpu_backends.py` and the backend modules it
+calls), which import this module and not each other's.
 """
 
 from __future__ import annotations
