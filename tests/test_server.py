@@ -101,3 +101,30 @@ def test_missing_model_is_reported_by_name(tiny_repository, tmp_path):
 def test_server_refuses_an_empty_repository(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model"):
         TritonServer(tmp_path)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_one_client_serves_every_thread(triton_server, protocol: str) -> None:
+    """A client opened in one thread and used from others (what a web app's worker pool does): over HTTP
+    tritonclient's gevent connections belong to the thread that opened them and failed elsewhere with
+    "Cannot switch to a different thread"."""
+    import threading
+
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    errors: list[BaseException] = []
+
+    def use(client: KandinskyClient) -> None:
+        try:
+            for _ in range(3):
+                client.transport.model_parameters("unet")
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    with KandinskyClient(url, protocol=protocol) as client:
+        threads = [threading.Thread(target=use, args=(client,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        use(client)
+    assert not errors, errors[0]

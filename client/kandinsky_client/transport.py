@@ -11,6 +11,7 @@ Transport errors become `ServerUnavailable`, `RequestTimeout`, `ModelNotReady`, 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -95,16 +96,36 @@ class TritonTransport:
         else:
             import tritonclient.http as triton
         self._triton = triton
+        # tritonclient's HTTP client runs on gevent, whose connections belong to the thread that opened
+        # them: used from a second thread it fails ("Cannot switch to a different thread"). Each thread
+        # gets its own HTTP client; the gRPC client is thread-safe and shared.
+        self._local = threading.local()
+        self._clients: list[Any] = []  # every client opened, closed by close()
+        self._clients_lock = threading.Lock()
+        _ = self._client  # a bad address fails here, not at the first call
+
+    @property
+    def _client(self) -> Any:
+        """The tritonclient for this call: one per thread over HTTP, one shared over gRPC."""
+        if self.protocol == "grpc" and self._clients:
+            return self._clients[0]
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._new_client()
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _new_client(self) -> Any:
         try:
-            if protocol == "grpc":
-                self._client = triton.InferenceServerClient(self.url)
-            else:
-                self._client = triton.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
-                )
+            if self.protocol == "grpc":
+                return self._triton.InferenceServerClient(self.url)
+            return self._triton.InferenceServerClient(
+                self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+            )
         except Exception as error:  # noqa: BLE001 - bad address formats surface here
             raise ServerUnavailable(
-                f"cannot connect to a Triton server at '{self.url}' ({protocol}): {error}"
+                f"cannot connect to a Triton server at '{self.url}' ({self.protocol}): {error}"
             ) from error
 
     def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -250,4 +271,7 @@ class TritonTransport:
         return {t.name: result.as_numpy(t.name) for t in spec.outputs}
 
     def close(self) -> None:
-        self._client.close()
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()

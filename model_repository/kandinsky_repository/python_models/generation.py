@@ -53,11 +53,19 @@ logger = logging.getLogger("kandinsky_repository")
 
 
 class BlsTransport:
-    """`infer(spec, inputs)` as BLS requests from inside Triton, bounded by the generation's deadline."""
+    """`infer(spec, inputs)` as BLS requests from inside Triton, bounded by the generation's deadline.
+
+    Outputs are asked for in CPU memory. Without `preferred_memory` a BLS response keeps each output
+    where the callee produced it (python_backend's `ResponseAlloc`): a TensorRT model, an ONNX Runtime
+    model on a GPU instance, or an ensemble ending in one, answers in GPU memory, and `as_numpy()` on
+    such a tensor raises. The loop's numpy arithmetic needs host memory, and the copy is the one the
+    client loop pays too (Triton copies GPU outputs to the host to send them).
+    """
 
     def __init__(self, pb_utils: Any, deadline: float) -> None:
         self.pb_utils = pb_utils
         self.deadline = deadline
+        self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
     def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         pb = self.pb_utils
@@ -69,11 +77,25 @@ class BlsTransport:
             inputs=[pb.Tensor(name, value) for name, value in model_inputs(spec, inputs).items()],
             requested_output_names=[t.name for t in spec.outputs],
             timeout=remaining_us,  # the callee's queue drops it when the generation's time is up
+            preferred_memory=self.cpu_memory,
         )
         response = request.exec()
         if response.has_error():
             raise error_from_message(spec.name, response.error().message())
-        return {t.name: pb.get_output_tensor_by_name(response, t.name).as_numpy() for t in spec.outputs}
+        return {
+            t.name: _host_array(spec.name, pb.get_output_tensor_by_name(response, t.name))
+            for t in spec.outputs
+        }
+
+
+def _host_array(model: str, tensor: Any) -> np.ndarray:
+    """A BLS output as numpy; a tensor left in GPU memory despite the CPU preference is a clear error."""
+    if not tensor.is_cpu():
+        raise RuntimeError(
+            f"'{model}' returned '{tensor.name()}' in GPU memory although CPU memory was asked for "
+            "(preferred_memory needs Triton 23.04 or later)"
+        )
+    return tensor.as_numpy()
 
 
 # The Triton error code each client error kind is answered with.
