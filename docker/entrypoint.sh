@@ -4,10 +4,12 @@
 # Runs after NGC's own entrypoint (/opt/nvidia/nvidia_entrypoint.sh: driver and GPU checks), in $KANDINSKY_DATA.
 #
 #   prepare  the one-time steps, in the prepare image (docker compose's `prepare` service, the Helm chart's
-#            prepare Job): checkpoint -> ONNX bundle -> FP16 variants -> TensorRT engines -> model repository.
+#            prepare Job): checkpoint -> ONNX bundle -> FP16 variants -> TensorRT engines -> model repository
+#            (-> ONNX Runtime's TensorRT engine cache, with KANDINSKY_ORT_TENSORRT=1).
 #            Every step skips what is current: the bundle's manifest (written only when every parity check
 #            passed), the FP16 variants' and engines' source digests (cached, not re-hashed), the engines'
-#            sidecars. Settings are checked before anything is downloaded; a bad one stops here, once.
+#            sidecars, the engine cache's entries (ONNX Runtime reuses what is valid). Settings are checked
+#            before anything is downloaded; a bad one stops here, once.
 #   serve    (default) kandinsky-serve on the prepared repository: Triton under its supervisor, deep health,
 #            the restricted APIs keyed by $KANDINSKY_DATA/admin.key (or $KANDINSKY_ADMIN_KEY), listening on
 #            every interface of the container (compose decides what the host publishes). It first checks that
@@ -44,6 +46,7 @@ FLAVOUR="${KANDINSKY_FLAVOUR:-tensorrt}"
 PRECISION="${KANDINSKY_PRECISION:-default}"
 MAX_IMAGE_SIZE="${KANDINSKY_MAX_IMAGE_SIZE:-}"
 STATIC_SIZE="${KANDINSKY_STATIC_SIZE:-}"
+ORT_TENSORRT="${KANDINSKY_ORT_TENSORRT:-0}"
 RECORD="kandinsky_repository.json"  # what kandinsky-repository writes at the repository's top
 
 log() { echo "[kandinsky] $*" >&2; }
@@ -130,6 +133,18 @@ prepare() {
     if [[ "${PRECISION}" != "fp32" ]]; then
         log "FP16 variants (skipped where current)"
         kandinsky-export fp16 --bundle "${BUNDLE}" "${size_args[@]}"
+        # ONNX Runtime's CUDA-only fusions (GroupNorm, NhwcConv...), served by the onnxruntime flavour on the
+        # CUDA provider (TensorRT, and ONNX Runtime's TensorRT accelerator, take the portable variant). Their
+        # check runs on the GPU, with an onnxruntime that has the CUDA provider.
+        if [[ "${FLAVOUR}" == "onnxruntime" && "${ORT_TENSORRT}" != "1" ]]; then
+            if python3 -c 'import sys, onnxruntime; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' 2>/dev/null; then
+                log "FP16 variants with ONNX Runtime's CUDA fusions (skipped where current)"
+                kandinsky-export fp16 --bundle "${BUNDLE}" --fusions cuda "${size_args[@]}"
+            else
+                log "this image's onnxruntime has no CUDA provider to check CUDA-fused FP16 graphs:" \
+                    "the portable FP16 variants are served (docs/gpu.md)"
+            fi
+        fi
     fi
 
     local repository_args=(--bundle "${BUNDLE}" --output "${REPOSITORY}" --flavour "${FLAVOUR}")
@@ -143,12 +158,20 @@ prepare() {
         kandinsky-export engines "${engine_args[@]}"
     else
         repository_args+=(--precision "${PRECISION}")
-        [[ "${KANDINSKY_ORT_TENSORRT:-0}" == "1" ]] && repository_args+=(--ort-tensorrt)
+        [[ "${ORT_TENSORRT}" == "1" ]] && repository_args+=(--ort-tensorrt)
     fi
 
     # Seconds; ONNX Runtime's TensorRT engine cache lives next to it (model_repository.ort_trt_cache), kept.
     log "writing the ${FLAVOUR} repository to ${REPOSITORY}"
     kandinsky-repository "${repository_args[@]}"
+
+    if [[ "${FLAVOUR}" == "onnxruntime" && "${ORT_TENSORRT}" == "1" ]]; then
+        # ONNX Runtime builds its TensorRT engines while Triton loads the models: here, with no time limit
+        # and on this volume, so that serving starts load them instead of building them (kandinsky-serve
+        # would give up after its ready timeout, with nothing cached, and be restarted).
+        log "ONNX Runtime's TensorRT engine cache (entries still valid are reused)"
+        kandinsky-serve --build-ort-trt-cache --repository "${REPOSITORY}"
+    fi
 }
 
 # The python backend moves every tensor of its models through /dev/shm; Docker gives 64 MB unless told.

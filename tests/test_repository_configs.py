@@ -56,7 +56,9 @@ def gpu_bundle(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _placeholder_engines(source: Path, bundle: Path, static: dict[str, tuple[int, int] | None]) -> Path:
     """A copy of `source` with placeholder engines whose sidecars come from the real (pure Python)
-    profile and metadata code: `static` maps components to a static size (None: the dynamic profile)."""
+    profile and metadata code: `static` maps components to a static size (None: the dynamic profiles).
+    What a GPU build measures is made up: 1 MiB of activations per profile and a passed engine check."""
+    from kandinsky_export.engine_check import ENGINE_TOLERANCE, check_record
     from kandinsky_export.tensorrt_engine import (
         ENGINE_DIR,
         ENGINE_FILE,
@@ -85,7 +87,17 @@ def _placeholder_engines(source: Path, bundle: Path, static: dict[str, tuple[int
         engine = bundle / component / ENGINE_DIR / ENGINE_FILE
         engine.parent.mkdir(parents=True, exist_ok=True)
         engine.write_bytes(f"placeholder engine for {component}".encode())
-        record_engine(bundle, component, {**expected, "io_dtypes": io})
+        profiles = expected["profile"]["profiles"]
+        measured = [
+            {"profile": i, "size": p["optimum"], "shapes": {}, "outputs": _exact_outputs(spec)}
+            for i, p in enumerate(profiles)
+        ]
+        built = {
+            "io_dtypes": io,
+            "activation_bytes": [2**20] * len(profiles),
+            "check": check_record(measured, ENGINE_TOLERANCE),
+        }
+        record_engine(bundle, component, {**expected, **built})
     return bundle
 
 
@@ -108,6 +120,13 @@ def static_engine_bundle(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFact
     )
 
 
+def _exact_outputs(spec: ComponentSpec) -> list[dict]:
+    """An engine check's measurements where the engine matched its ONNX exactly."""
+    return [
+        {"output": t.name, "max_abs_error": 0.0, "max_rel_error": 0.0, "finite": True} for t in spec.outputs
+    ]
+
+
 def _trt_dtype(dtype: str) -> str:
     return DTYPES[dtype].tensorrt
 
@@ -124,6 +143,7 @@ def repositories(gpu_bundle: Path, engine_bundle: Path, tmp_path_factory: pytest
         "cpu": _generate(gpu_bundle, root / "cpu", flavour="cpu"),
         "onnxruntime": _generate(gpu_bundle, root / "onnxruntime", flavour="onnxruntime", ort_tensorrt=True),
         "tensorrt": _generate(engine_bundle, root / "tensorrt", flavour="tensorrt"),
+        "timed": _generate(gpu_bundle, root / "timed", flavour="timed"),
     }
 
 
@@ -196,7 +216,7 @@ def _network_models(repository: Path) -> list[str]:
     return sorted(name for name in COMPONENTS if (repository / name / "config.pbtxt").is_file())
 
 
-@pytest.mark.parametrize("flavour", ["cpu", "onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("flavour", ["cpu", "onnxruntime", "tensorrt", "timed"])
 def test_every_config_parses_and_matches_the_registry(repositories: dict, flavour: str) -> None:
     repository = repositories[flavour]
     names = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
@@ -286,19 +306,24 @@ def _parse_shapes(text: str) -> dict[str, list[int]]:
 
 
 def _check_warmup(config: mc.ModelConfig, spec: ComponentSpec, opt: dict[str, list[int]]) -> None:
-    """One warm-up request with every input, at the profile's optimum shapes."""
-    assert len(config.model_warmup) == 1
-    warmup = config.model_warmup[0]
-    assert 1 <= warmup.batch_size <= config.max_batch_size
-    assert set(warmup.inputs) == {t.name for t in spec.inputs}
-    for tensor in spec.inputs:
-        sample = warmup.inputs[tensor.name]
-        assert sample.data_type == dtype_enum(tensor.dtype)
-        assert opt[tensor.name][0] == warmup.batch_size
-        assert list(sample.dims) == (opt[tensor.name][1:] or [1])
-        # integer inputs must stay in range (token ids, timesteps): zeros, never random
-        assert sample.random_data == tensor.dtype.startswith("float")
-        assert sample.zero_data == (not tensor.dtype.startswith("float"))
+    """Warm-up requests with every input, one of them at the profile's optimum shapes (the onnxruntime
+    flavour warms up more shapes: tests/test_onnxruntime_flavour.py)."""
+    at_optimum = 0
+    for warmup in config.model_warmup:
+        assert 1 <= warmup.batch_size <= config.max_batch_size
+        assert set(warmup.inputs) == {t.name for t in spec.inputs}
+        for tensor in spec.inputs:
+            sample = warmup.inputs[tensor.name]
+            assert sample.data_type == dtype_enum(tensor.dtype)
+            # integer inputs must stay in range (token ids, timesteps): zeros, never random
+            assert sample.random_data == tensor.dtype.startswith("float")
+            assert sample.zero_data == (not tensor.dtype.startswith("float"))
+        at_optimum += all(
+            opt[t.name][0] == warmup.batch_size
+            and list(warmup.inputs[t.name].dims) == (opt[t.name][1:] or [1])
+            for t in spec.inputs
+        )
+    assert at_optimum == 1, config.name
 
 
 def test_tensorrt_flavour_matches_engines_and_onnx(repositories: dict, engine_bundle: Path) -> None:
@@ -307,7 +332,11 @@ def test_tensorrt_flavour_matches_engines_and_onnx(repositories: dict, engine_bu
         spec = COMPONENTS[name]
         config = read_config(repository / name)
         metadata = json.loads((engine_bundle / name / "tensorrt" / "engine.json").read_text())
-        profile = metadata["profile"]["inputs"]
+        profiles = [p["inputs"] for p in metadata["profile"]["profiles"]]
+        # every profile listed, so Triton makes a context for each (nested ranges: the union is first min
+        # .. last max)
+        assert [list(g.profile) for g in config.instance_group] == [[str(i) for i in range(len(profiles))]]
+        profile = {k: {"min": v["min"], "max": profiles[-1][k]["max"]} for k, v in profiles[0].items()}
         assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
         plan = repository / name / "1" / "model.plan"
         assert plan.read_bytes() == (engine_bundle / name / "tensorrt" / "model.plan").read_bytes()
@@ -317,11 +346,13 @@ def test_tensorrt_flavour_matches_engines_and_onnx(repositories: dict, engine_bu
         # the engine's source ONNX: the served contract must match it, with the profile's static axes
         source = engine_bundle / name / metadata["source"]["path"]
         _check_against_onnx(config, source, spec, profile)
-        opt = next(iter(profile.values()))["opt"]
+        opt = next(iter(profiles[0].values()))["opt"]
         settings = metadata["profile"]["settings"]
         side = (settings["static_size"] or [settings["min_size"]])[0]  # the smallest size the engine takes
         _check_by_running(config, source, engine_bundle, batch=opt[0], size=side)
-        _check_warmup(config, spec, {k: v["opt"] for k, v in profile.items()})
+        for shapes in profiles:  # every profile's context warmed up at its optimum
+            _check_warmup(config, spec, {k: v["opt"] for k, v in shapes.items()})
+        assert len(config.model_warmup) == len(profiles), name
         # CUDA graphs wherever the batch is the engine's only dynamic axis
         assert config.optimization.cuda.graphs == (name == STATIC_COMPONENT or not has_spatial_axes(spec)), (
             name
@@ -340,8 +371,8 @@ def test_shared_models_are_the_same_in_every_flavour(repositories: dict) -> None
             # Only the ensembles on the inpainting repo's own MoVQ are optional (the tiny one is shared).
             assert set(spec.steps) & set(INPAINT_MOVQ_COMPONENTS), name
             continue
-        configs = [read_config(repositories[f] / name) for f in ("cpu", "onnxruntime", "tensorrt")]
-        assert configs[0] == configs[1] == configs[2], name
+        configs = [read_config(repositories[f] / name) for f in ("cpu", "onnxruntime", "tensorrt", "timed")]
+        assert all(config == configs[0] for config in configs), name
         if SERVED_MODELS[name].steps:
             assert configs[0].platform == "ensemble"
         else:
@@ -421,7 +452,11 @@ def test_cuda_graphs_for_every_batch_the_traffic_has(static_engine_bundle: Path,
                     message.name,
                 )
         if spec.called_per_step:
-            assert list(config.dynamic_batching.preferred_batch_size) == list(spec.batch_sizes()), name
+            # every batch with a graph is preferred, and so is every batch a lone request sends (which
+            # includes them: see test_a_lone_step_never_waits_out_the_batching_window)
+            preferred = list(config.dynamic_batching.preferred_batch_size)
+            assert set(spec.batch_sizes()) <= set(preferred), name
+            assert preferred == list(spec.request_batch_sizes()), name
         else:
             assert not config.HasField("dynamic_batching"), name
     unet = read_config(repository / "unet")
@@ -436,7 +471,7 @@ def test_cuda_graphs_for_every_batch_the_traffic_has(static_engine_bundle: Path,
         _generate(static_engine_bundle, tmp_path / "plain", flavour="tensorrt", cuda_graphs=False) / "unet"
     )
     assert not plain.optimization.cuda.graphs and not plain.optimization.cuda.graph_spec
-    assert not plain.dynamic_batching.preferred_batch_size
+    assert list(plain.dynamic_batching.preferred_batch_size) == list(COMPONENTS["unet"].request_batch_sizes())
 
 
 def _server_info(repository: Path) -> ServerInfo:
@@ -531,7 +566,7 @@ def test_a_max_image_size_off_the_checkpoint_grid_is_refused(gpu_bundle: Path, t
         _generate(gpu_bundle, tmp_path / "repo", max_image_size=1000)
 
 
-@pytest.mark.parametrize("flavour", ["cpu", "onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("flavour", ["cpu", "onnxruntime", "tensorrt", "timed"])
 def test_queue_policies_leave_the_per_step_models_prefetching(repositories: dict, flavour: str) -> None:
     """Any `default_queue_policy` turns off Triton's batch prefetching: with one busy instance, each
     sequential denoising step then waited 25-75 ms in the queue (CPU flavour, docs/benchmarks.md). The
@@ -553,3 +588,109 @@ def test_queue_policies_leave_the_per_step_models_prefetching(repositories: dict
             assert policy.default_timeout_microseconds == int(options.max_generation_seconds * 1e6)
             checked_bounded += 1
     assert checked_bounded >= 4  # the python models at least (tokenizer, pre/post-processing)
+
+
+@pytest.fixture(scope="module")
+def gpu_flavour_repositories(
+    repositories: dict,
+    gpu_bundle: Path,
+    static_engine_bundle: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """Every GPU configuration a server can run: both backends, with and without their options."""
+    root = tmp_path_factory.mktemp("gpu-flavours")
+    return {
+        "onnxruntime+tensorrt": repositories["onnxruntime"],
+        "onnxruntime": _generate(gpu_bundle, root / "ort", flavour="onnxruntime"),
+        "tensorrt": repositories["tensorrt"],
+        "tensorrt static": _generate(static_engine_bundle, root / "trt-static", flavour="tensorrt"),
+        "tensorrt static, no graphs": _generate(
+            static_engine_bundle, root / "trt-static-no-graphs", flavour="tensorrt", cuda_graphs=False
+        ),
+        "timed": repositories["timed"],
+    }
+
+
+@pytest.mark.parametrize(
+    "flavour",
+    [
+        "onnxruntime+tensorrt",
+        "onnxruntime",
+        "tensorrt",
+        "tensorrt static",
+        "tensorrt static, no graphs",
+        "timed",
+    ],
+)
+def test_a_lone_step_never_waits_out_the_batching_window(
+    gpu_flavour_repositories: dict, flavour: str
+) -> None:
+    """Triton fills an empty preferred_batch_size with max_batch_size, and its dynamic batcher holds a
+    pending batch that is not a preferred size for the whole max_queue_delay_microseconds. The GPU
+    flavours set a 2 ms window and preferred sizes only with CUDA graphs, so a lone guided UNet step (2
+    of 8 rows) slept 2 ms at every step. Every batch one request sends alone must be sent at once."""
+    repository = gpu_flavour_repositories[flavour]
+    per_step = [name for name in _network_models(repository) if COMPONENTS[name].called_per_step]
+    assert {"prior", "unet"} <= set(per_step)
+    for name in per_step:
+        config = read_config(repository / name)
+        batching = config.dynamic_batching
+        assert batching.max_queue_delay_microseconds > 0, "the GPU flavours keep a batching window"
+        preferred = set(batching.preferred_batch_size) or {config.max_batch_size}  # Triton's normalisation
+        lone = set(COMPONENTS[name].request_batch_sizes())
+        assert {2, COMPONENTS[name].max_batch_size} <= lone  # one guided image; the batcher's largest
+        assert lone <= preferred, f"{flavour} {name}: a lone request of {sorted(lone - preferred)} rows waits"
+        assert max(preferred) <= config.max_batch_size
+
+
+def test_the_timed_flavour_is_the_tensorrt_configuration(gpu_bundle: Path, tmp_path: Path) -> None:
+    """The timed flavour must measure what the tensorrt flavour would serve: same batching, warm-ups,
+    CUDA graphs, instance count and sizes, from engines built with `kandinsky-export engines`' defaults;
+    only the backend differs (a python model sleeping its modelled time, on CPU instances)."""
+    from kandinsky_repository.gpu_costs import cost_record
+    from kandinsky_repository.timed_flavour import ENTRY_POINT, GPU_LOCK_FILE
+
+    engines = _placeholder_engines(gpu_bundle, tmp_path / "engines", {})
+    tensorrt = _generate(engines, tmp_path / "tensorrt", flavour="tensorrt", instances=2)
+    timed = _generate(gpu_bundle, tmp_path / "timed", flavour="timed", instances=2, gpu="a100")
+    assert _network_models(timed) == _network_models(tensorrt)
+    for name in _network_models(timed):
+        real, stand_in = read_config(tensorrt / name), read_config(timed / name)
+        for field in (
+            "max_batch_size",
+            "input",
+            "output",
+            "dynamic_batching",
+            "model_warmup",
+            "optimization",
+        ):
+            assert getattr(stand_in, field) == getattr(real, field), (name, field)
+        assert [g.count for g in stand_in.instance_group] == [g.count for g in real.instance_group] == [2]
+        assert [g.kind for g in stand_in.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+        assert stand_in.backend == "python" and not stand_in.platform
+        assert ENTRY_POINT.replace(":", " import ") in (timed / name / "1" / "model.py").read_text()
+        parameters = decoded_parameters(stand_in)
+        assert parameters["tensorrt_profiles"] == list(real.instance_group[0].profile)
+        assert parameters["modelled_cost"] == cost_record(name, "a100")
+        assert parameters["gpu_lock"] == GPU_LOCK_FILE
+    served, engines_serve = _server_info(timed), _server_info(tensorrt)
+    assert (served.min_image_size, served.max_image_size) == (
+        engines_serve.min_image_size,
+        engines_serve.max_image_size,
+    )
+
+
+def test_the_shared_memory_estimate_counts_every_concurrent_generation(
+    gpu_bundle: Path, tmp_path: Path
+) -> None:
+    """Each running server-side generation holds its decoded images in the `kandinsky` stub's region at
+    the same time; the estimate counted one generation whatever max_concurrent_generations said."""
+    from kandinsky_repository.generate import REPOSITORY_RECORD
+
+    def needed(concurrent: int) -> int:
+        repository = _generate(gpu_bundle, tmp_path / str(concurrent), max_concurrent_generations=concurrent)
+        return json.loads((repository / REPOSITORY_RECORD).read_text())["shared_memory_bytes"]
+
+    # per generation: up to 4 images of 1024 x 1024 float RGB decoded, and as much again for the output
+    per_generation = 2 * 4 * 3 * 1024 * 1024 * 4
+    assert needed(8) - needed(1) >= 7 * per_generation

@@ -273,9 +273,20 @@ def test_a_current_engine_is_recorded_again_after_a_re_export(bundle: Path, monk
     """A re-export drops the manifest's engine records; an engine that is still current (same source
     digest, TensorRT, GPU, profile) is kept, not rebuilt, and the manifest points at it again."""
     import kandinsky_export.tensorrt_engine as engines
+    from kandinsky_export.engine_check import ENGINE_TOLERANCE, check_record
 
     expected, _ = _plan(bundle)["unet"]
-    _install_fake_engine(bundle, "unet", {**expected, "io_dtypes": {"sample": "FLOAT"}})
+    passed = [
+        {
+            "profile": i,
+            "size": p["optimum"],
+            "shapes": {},
+            "outputs": [{"output": "noise_pred", "max_abs_error": 0.0, "max_rel_error": 0.0, "finite": True}],
+        }
+        for i, p in enumerate(expected["profile"]["profiles"])
+    ]
+    built = {"activation_bytes": [1] * len(passed), "check": check_record(passed, ENGINE_TOLERANCE)}
+    _install_fake_engine(bundle, "unet", {**expected, **built, "io_dtypes": {"sample": "FLOAT"}})
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["components"]["unet"]["tensorrt"]  # what a re-export leaves
     (bundle / "manifest.json").write_text(json.dumps(manifest))

@@ -154,6 +154,17 @@ class ModelSpec:
         """
         return tuple(range(self.row_group, self.max_batch_size + 1, self.row_group))
 
+    def request_batch_sizes(self) -> tuple[int, ...]:
+        """Every batch one request sends on its own: the guided batches (`batch_sizes()`), and without
+        guidance one row per image (1 .. MAX_IMAGES_PER_REQUEST).
+
+        A dynamic batcher with a queue delay must treat each of these as a preferred batch size, or a
+        lone generation's step waits out the whole window (an empty preferred list means only
+        `max_batch_size`).
+        """
+        unguided = range(1, min(MAX_IMAGES_PER_REQUEST, self.max_batch_size) + 1)
+        return tuple(sorted({*self.batch_sizes(), *unguided}))
+
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 

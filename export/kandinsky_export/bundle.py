@@ -6,7 +6,8 @@ Every step reads and extends the same folder; each finds its files through the n
                                                  component passed its parity check (later steps add to it)
     <bundle>/export_failed.json                  instead, when the last export failed a check: what failed
     <bundle>/<component>/model.onnx              FP32 (+ model.onnx_data over 2 GB)
-    <bundle>/<component>/fp16/model.onnx         `kandinsky-export fp16`
+    <bundle>/<component>/fp16/model.onnx         `kandinsky-export fp16` (standard ONNX ops: TensorRT, any provider)
+    <bundle>/<component>/fp16_cuda/model.onnx    `kandinsky-export fp16 --fusions cuda` (ONNX Runtime CUDA only)
     <bundle>/<component>/tensorrt/model.plan     `kandinsky-export engines` (+ engine.json, its sidecar)
     <bundle>/tensorrt_timing.cache               TensorRT's timing cache, shared by every build
     <bundle>/tokenizer/                          tokenizer.json + tokenizer_config.json, built by the export
@@ -32,7 +33,8 @@ FAILED_EXPORT = "export_failed.json"
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_NAME = "model.onnx_data"
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
-FP16_DIR = "fp16"
+FP16_DIR = "fp16"  # also the manifest's `variants` key of the portable FP16 variant
+FP16_CUDA_DIR = "fp16_cuda"  # and of the one with ONNX Runtime's CUDA-only fusions
 ENGINE_DIR = "tensorrt"
 ENGINE_FILE = "model.plan"
 ENGINE_METADATA = "engine.json"

@@ -8,6 +8,7 @@
     kandinsky-export fp16 --bundle artifacts/released/onnx
     kandinsky-export engines --bundle artifacts/released/onnx            # needs TensorRT and a GPU
     kandinsky-export engines --bundle artifacts/released/onnx --static 768x768
+    kandinsky-export engines --bundle artifacts/released/onnx --opt-sizes 768   # one profile (less memory)
     kandinsky-export profile --max-size 640                               # check sizes, print the profile
 """
 
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from kandinsky_client.components import MAX_IMAGE_SIZE
-from kandinsky_client.profiles import PROFILE_SIZE_STEP, ProfileSettings
+from kandinsky_client.profiles import PROFILE_OPT_SIZES, PROFILE_SIZE_STEP, ProfileSettings
 
 from .bundle import TIMING_CACHE
 from .checkpoint import Checkpoint
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fusions",
         choices=FUSION_SETS,
         default="portable",
-        help="portable: standard ONNX ops only (TensorRT, any provider); cuda: ONNX Runtime CUDA-only fusions",
+        help="portable: standard ONNX ops only (TensorRT, any provider; variants.fp16); cuda: ONNX Runtime "
+        "CUDA-only fusions, written next to the portable variant (variants.fp16_cuda; needs onnxruntime-gpu)",
     )
     half.add_argument(
         "--keep-fp32",
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     half.add_argument(
         "--providers",
         nargs="+",
-        default=["CPUExecutionProvider"],
-        help="ONNX Runtime providers the FP16 graph is checked on (cuda fusions need CUDAExecutionProvider)",
+        help="ONNX Runtime providers the FP16 graph is checked on (default: CPUExecutionProvider for "
+        "portable, CUDAExecutionProvider for cuda fusions)",
     )
     half.add_argument(
         "--check-size",
@@ -216,7 +218,15 @@ def _profile_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-size", type=int, help="smallest image side (px; default: 512, or --max-size when smaller)"
     )
     parser.add_argument(
-        "--opt-size", type=int, help="image side tuned for (px; default: 768, or --max-size when smaller)"
+        "--opt-sizes",
+        "--opt-size",
+        dest="opt_sizes",
+        type=int,
+        nargs="+",
+        metavar="SIDE",
+        help="image sides the engines are tuned for, one TensorRT profile each (px; default: "
+        f"{' '.join(str(s) for s in PROFILE_OPT_SIZES)}, clipped to [--min-size, --max-size]); "
+        "one value: one profile",
     )
     parser.add_argument("--size-step", type=int, default=PROFILE_SIZE_STEP, help="image side step (px)")
     parser.add_argument("--static", type=_size, help="HEIGHTxWIDTH: engines for this one size")
@@ -226,7 +236,7 @@ def _profile_settings(args: argparse.Namespace) -> ProfileSettings:
     return ProfileSettings.for_max_size(
         args.max_size,
         min_size=args.min_size,
-        opt_size=args.opt_size,
+        opt_sizes=args.opt_sizes,
         size_step=args.size_step,
         static_size=args.static,
     )
@@ -242,30 +252,35 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _fp16(args: argparse.Namespace) -> int:
-    from .fp16 import convert_bundle
+    from .fp16 import ProviderUnavailable, convert_bundle
 
-    results = convert_bundle(
-        args.bundle,
-        args.components,
-        fusion_set=args.fusions,
-        op_block_list=args.keep_fp32,
-        providers=args.providers,
-        check_size=args.check_size,
-        max_size=args.max_size,
-        tolerance=args.tolerance,
-        force=args.force,
-    )
+    try:
+        results = convert_bundle(
+            args.bundle,
+            args.components,
+            fusion_set=args.fusions,
+            op_block_list=args.keep_fp32,
+            providers=args.providers,
+            check_size=args.check_size,
+            max_size=args.max_size,
+            tolerance=args.tolerance,
+            force=args.force,
+        )
+    except ProviderUnavailable as error:
+        print(f"kandinsky-export fp16: {error}", file=sys.stderr)
+        return 2
     for result in results:
         print("\n".join(result.lines()))
     fallback = [r.component for r in results if r.default_precision != "fp16"]
     if fallback:
-        print(f"FP16 failed its check for {', '.join(fallback)}: the GPU flavours serve FP32 for them")
+        served = "FP32" if args.fusions == "portable" else "the portable FP16 variant (or FP32)"
+        print(f"FP16 failed its check for {', '.join(fallback)}: the GPU flavours serve {served} for them")
     print(f"FP16 variants recorded in {args.bundle}/manifest.json ({len(results)} converted)")
     return 1 if fallback and args.strict else 0
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from .tensorrt_engine import BuildOptions, build_engines, plan_engines
+    from .tensorrt_engine import BuildOptions, EngineCheckError, build_engines, plan_engines
 
     try:
         settings = _profile_settings(args)
@@ -305,8 +320,11 @@ def _engines(args: argparse.Namespace) -> int:
         for component, expected, reason in plans:
             source = expected["source"]
             print(f"{component}: {source['precision']} from {source['path']}; {reason or 'up to date'}")
-            for name, shapes in expected["profile"]["inputs"].items():
-                print(f"    {name:>22s}: min {shapes['min']} opt {shapes['opt']} max {shapes['max']}")
+            for index, profile in enumerate(expected["profile"]["profiles"]):
+                optimum = "x".join(str(s) for s in profile["optimum"]) if profile["optimum"] else "any size"
+                print(f"  profile {index} (tuned for {optimum}):")
+                for name, shapes in profile["inputs"].items():
+                    print(f"    {name:>22s}: min {shapes['min']} opt {shapes['opt']} max {shapes['max']}")
         return 0
     try:
         results = build_engines(
@@ -317,6 +335,10 @@ def _engines(args: argparse.Namespace) -> int:
             options=options,
             force=args.force,
         )
+    except EngineCheckError as error:  # built and recorded, but not to be served
+        print("\n".join(r.line() for r in error.results), file=sys.stderr)
+        print(f"kandinsky-export engines: {error}", file=sys.stderr)
+        return 1
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # no TensorRT/GPU, bad sizes, no bundle
         print(f"kandinsky-export engines: {error}", file=sys.stderr)
         return 2

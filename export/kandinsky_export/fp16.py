@@ -15,7 +15,11 @@ Fusion sets:
 - `cuda`: ONNX Runtime's stable-diffusion GPU fusions (GroupNorm, SkipGroupNorm, NhwcConv,
   BiasSplitGelu, SkipLayerNormalization, packed attention...). They are `com.microsoft` operators with
   CUDA kernels only: the TensorRT parser rejects them, and their check needs the CUDA execution
-  provider (`providers=["CUDAExecutionProvider"]`).
+  provider (`providers=["CUDAExecutionProvider"]`, onnxruntime-gpu on a GPU). Written next to the
+  portable variant, never over it (`<component>/fp16_cuda/`, manifest `variants.fp16_cuda`): the
+  TensorRT engines and ONNX Runtime's TensorRT accelerator keep reading `variants.fp16`, the onnxruntime
+  flavour on the CUDA provider serves this one where it passed. `default_precision` stays the portable
+  variant's verdict.
 
 Served inputs and outputs stay FP32 (`keep_io_types`): clients, ensembles and the python models see the
 same tensors in every precision, and the Cast at each edge costs microseconds.
@@ -68,6 +72,7 @@ from . import calibration
 from .bundle import (
     EXTERNAL_DATA_NAME,
     EXTERNAL_DATA_THRESHOLD,
+    FP16_CUDA_DIR,
     FP16_DIR,
     ONNX_FILE,
     onnx_digest,
@@ -95,6 +100,35 @@ MODEL_TYPES = {
 }
 
 FUSION_SETS = ("portable", "cuda")
+# Where each fusion set's variant lives: its folder in the component's folder and its manifest key.
+VARIANT_DIRS = {"portable": FP16_DIR, "cuda": FP16_CUDA_DIR}
+# The providers a fusion set's FP16 graph is checked on unless told: `cuda` graphs hold CUDA-only kernels.
+DEFAULT_PROVIDERS = {"portable": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
+
+
+class ProviderUnavailable(RuntimeError):
+    """The FP16 check cannot run where it was asked to (a CUDA-fused graph without ONNX Runtime's CUDA)."""
+
+
+def check_providers(fusion_set: str, providers: Sequence[str]) -> None:
+    """Refuse, before any file is written, a check that cannot run: the `cuda` fusion set needs the CUDA
+    provider, and every provider asked for must exist in this onnxruntime (it would otherwise fall back
+    to the CPU with a warning, and the CUDA-only operators would not load)."""
+    import onnxruntime
+
+    if fusion_set == "cuda" and "CUDAExecutionProvider" not in providers:
+        raise ProviderUnavailable(
+            "the cuda fusion set holds CUDA-only operators: check it with --providers CUDAExecutionProvider "
+            "(onnxruntime-gpu, on a GPU)"
+        )
+    missing = [p for p in providers if p not in onnxruntime.get_available_providers()]
+    if missing:
+        raise ProviderUnavailable(
+            f"this onnxruntime ({onnxruntime.__version__}) has no {', '.join(missing)} "
+            f"(it has {', '.join(onnxruntime.get_available_providers())}): the FP16 check cannot run here; "
+            "the cuda fusion set needs onnxruntime-gpu on a GPU"
+        )
+
 
 # FusionOptions flags that create com.microsoft operators; `portable` turns them all off.
 _CONTRIB_FUSION_FLAGS = (
@@ -191,7 +225,7 @@ class Fp16Result:
     def manifest_entry(self) -> dict[str, Any]:
         entry = asdict(self)
         entry.pop("component")
-        entry["path"] = f"{FP16_DIR}/model.onnx"
+        entry["path"] = f"{VARIANT_DIRS[self.fusion_set]}/{ONNX_FILE}"
         entry["precision"] = "fp16"
         entry["keep_io_types"] = True
         entry["passed"] = self.passed
@@ -686,6 +720,11 @@ def measure_fp16(
                 f"{component}: the FP16 graph does not load on {provider} ({str(error).splitlines()[0]}); "
                 "graphs with CUDA-only fusions must be checked with providers=['CUDAExecutionProvider']"
             ) from error
+        if provider not in session.get_providers():  # ONNX Runtime fell back to another provider
+            raise ProviderUnavailable(
+                f"{component}: ONNX Runtime did not run the FP16 graph on {provider} "
+                f"(it used {session.get_providers()}): not a check on {provider}"
+            )
         label = (
             "fp16"
             if provider == "CPUExecutionProvider"
@@ -730,13 +769,17 @@ def convert_component(
     *,
     fusion_set: str = "portable",
     op_block_list: Sequence[str] | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] | None = None,
     check_size: tuple[int, int] | None = None,
     max_size: int | None = None,
     tolerance: float = FP16_TOLERANCE,
     run: RecordedRun | None = None,
 ) -> Fp16Result:
-    """Optimise, convert and check one component; writes `<bundle>/<component>/fp16/model.onnx`.
+    """Optimise, convert and check one component; writes `<bundle>/<component>/<variant>/model.onnx`
+    (`VARIANT_DIRS[fusion_set]`: the portable and the CUDA-fused variants live side by side).
+
+    `providers`: where the FP16 graph is checked natively (default `DEFAULT_PROVIDERS[fusion_set]`);
+    a check that cannot run there is refused before anything is written (`check_providers`).
 
     The check runs on the inputs the component gets in a short real run of the bundle at `check_size`
     (default: the engines' optimum for `max_size`); `run` passes a recorded run to share between
@@ -744,12 +787,17 @@ def convert_component(
     that passes is kept (the last one when none passes; the result then reports `default_precision ==
     "fp32"`).
     """
+    if fusion_set not in FUSION_SETS:
+        raise ValueError(f"fusion set '{fusion_set}' is not one of {FUSION_SETS}")
+    providers = tuple(providers or DEFAULT_PROVIDERS[fusion_set])
+    check_providers(fusion_set, providers)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     dims = ModelDims.from_dict(manifest["dims"])
     size, largest = check_size_for(dims, check_size, max_size)
     fp32_path = bundle / component / ONNX_FILE
-    target = bundle / component / FP16_DIR / ONNX_FILE
+    variant_dir = VARIANT_DIRS[fusion_set]
+    target = bundle / component / variant_dir / ONNX_FILE
     if run is None:
         run = record_run(bundle, size)
     check = check_inputs(fp32_path, component, run, largest)
@@ -810,7 +858,7 @@ def convert_component(
         source_sha256=onnx_digest(fp32_path),
         hazards=hazards,
         fp32_nodes=fp32_nodes,
-        files=[f"{FP16_DIR}/{f}" for f in files],
+        files=[f"{variant_dir}/{f}" for f in files],
     )
 
 
@@ -841,7 +889,7 @@ def convert_bundle(
     *,
     fusion_set: str = "portable",
     op_block_list: Sequence[str] | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] | None = None,
     check_size: tuple[int, int] | None = None,
     max_size: int | None = None,
     tolerance: float = FP16_TOLERANCE,
@@ -849,12 +897,20 @@ def convert_bundle(
 ) -> list[Fp16Result]:
     """FP16 variants of the bundle's components (or `components`), recorded in its manifest.
 
+    Each fusion set has its own variant (`VARIANT_DIRS`): `cuda` adds `variants.fp16_cuda` and leaves the
+    portable `variants.fp16` and `default_precision`, which the TensorRT engines read, as they were.
+
     A component whose FP16 variant was made from the current FP32 file with the same settings is
     skipped unless `force`. The others are checked on one short real run of the bundle (`calibration`)
     at `check_size` (default: the engines' optimum for `max_size`, the largest side served). A component
     that fails its check is not an error: its manifest entry gets `default_precision: fp32`, and the GPU
     flavours serve FP32 for it. Returns the converted ones.
     """
+    if fusion_set not in FUSION_SETS:
+        raise ValueError(f"fusion set '{fusion_set}' is not one of {FUSION_SETS}")
+    providers = tuple(providers or DEFAULT_PROVIDERS[fusion_set])
+    check_providers(fusion_set, providers)
+    variant_dir = VARIANT_DIRS[fusion_set]
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     dims = ModelDims.from_dict(manifest["dims"])
@@ -874,9 +930,13 @@ def convert_bundle(
     }
     todo = []
     for component in wanted:
-        variant = manifest["components"][component].get("variants", {}).get(FP16_DIR)
+        variant = manifest["components"][component].get("variants", {}).get(variant_dir)
         if not force and _is_current(bundle / component, variant, settings):
-            logger.info("%s: FP16 variant is current (same FP32 source and settings); skipped", component)
+            logger.info(
+                "%s: FP16 %s variant is current (same FP32 source and settings); skipped",
+                component,
+                variant_dir,
+            )
         else:
             todo.append(component)
     if not todo:
@@ -898,12 +958,12 @@ def convert_bundle(
         )
         for line in result.lines():
             logger.info("%s", line)
-        layout.update_component(
-            bundle,
-            component,
-            variants={FP16_DIR: {**result.manifest_entry(), "settings": settings}},
-            default_precision=result.default_precision,
-        )
+        record: dict[str, Any] = {
+            "variants": {variant_dir: {**result.manifest_entry(), "settings": settings}}
+        }
+        if fusion_set == "portable":  # the precision every GPU flavour serves by default follows it
+            record["default_precision"] = result.default_precision
+        layout.update_component(bundle, component, **record)
         results.append(result)
     return results
 

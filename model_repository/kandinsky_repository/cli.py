@@ -11,6 +11,7 @@ from kandinsky_export.bundle import BundleError
 
 from .generate import DEFAULT_MAX_IMAGE_SIZE, FLAVOURS, RepositoryOptions, generate_repository
 from .gpu_backends import GPU_MAX_QUEUE_DELAY_US
+from .gpu_costs import GPUS, NO_GPU
 from .settings import DEFAULTS
 
 
@@ -48,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="its engine cache (default: <output>.ort_trt_cache, next to the repository, kept across runs)",
     )
+    parser.add_argument(
+        "--gpu",
+        default=RepositoryOptions.gpu,
+        help=f"timed flavour: the GPU whose modelled step times are replayed ({', '.join(GPUS)}; "
+        f"{NO_GPU}: no time, to measure the python-stub hop)",
+    )
+    parser.add_argument("--gpu-costs", default="", help="timed flavour: an edited copy of gpu_costs.json")
+    parser.add_argument(
+        "--architecture",
+        default=RepositoryOptions.architecture,
+        help="timed flavour: whose costs are modelled (an architecture of the cost table)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="GPU flavours: no warm-up request at load")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="tensorrt flavour: no CUDA graphs")
     defaults = RepositoryOptions()
@@ -83,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         ort_trt_cache_dir=args.ort_trt_cache_dir,
         warmup=not args.no_warmup,
         cuda_graphs=not args.no_cuda_graphs,
+        gpu=args.gpu,
+        gpu_costs=args.gpu_costs,
+        architecture=args.architecture,
         max_concurrent_generations=args.max_concurrent_generations,
         max_queued_generations=args.max_queued_generations,
         max_generation_seconds=args.max_generation_seconds,
     )
     try:
         models = generate_repository(args.bundle, args.output, options)
-    except (ValueError, FileNotFoundError, BundleError) as error:
+    except (ValueError, KeyError, FileNotFoundError, BundleError) as error:
         print(f"kandinsky-repository: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(models)} models to {args.output}: {', '.join(models)}")

@@ -51,10 +51,10 @@ from .configs import (
     base_config,
     dtype_enum,
     place_file,
+    python_backend,
     read_config,
     set_parameters,
     write_config,
-    write_python_entry_point,
 )
 from .generation_config import ENTRY_POINT as GENERATION_ENTRY_POINT
 from .generation_config import generation_config
@@ -91,15 +91,6 @@ _PYTHON_MODELS = {
     "preprocess_movq_image": "preprocess:PreprocessMovqImage",
 }
 _ONNX_RUNNER = "onnx_runner:TritonPythonModel"
-
-
-def python_backend(
-    config: mc.ModelConfig, version_dir: Path, entry_point: str, options: RepositoryOptions
-) -> None:
-    """A python-backend model: CPU instances, and a model.py importing `entry_point` ("module:Class")."""
-    config.backend = "python"
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
-    write_python_entry_point(version_dir, entry_point)
 
 
 def ensemble_config(spec: ServedModelSpec, dims: ModelDims, models: dict[str, ModelSpec]) -> mc.ModelConfig:
@@ -175,11 +166,17 @@ def limit_queue(config: mc.ModelConfig, spec: ModelSpec, options: RepositoryOpti
     were cancelled while they waited (`BatchingModel` checks `is_cancelled()` for the ones it receives).
     Merged requests are computed as one batch, which these models already do for the requests Triton
     hands them together. Ensembles have no queue of their own (their steps queue in the models above).
-    GPU backends without dynamic batching (the once-per-image networks) keep Triton's default scheduler.
+    GPU backends without dynamic batching (the once-per-image networks) keep Triton's default scheduler,
+    and so do the timed flavour's python models standing in for them.
     """
     if config.platform == "ensemble":
         return
-    if config.backend == "python" and not config.HasField("dynamic_batching"):
+    stands_in_for_gpu_backend = options.flavour == "timed" and isinstance(spec, ComponentSpec)
+    if (
+        config.backend == "python"
+        and not config.HasField("dynamic_batching")
+        and not stands_in_for_gpu_backend
+    ):
         config.dynamic_batching.SetInParent()
     if config.HasField("dynamic_batching") and not (isinstance(spec, ComponentSpec) and spec.called_per_step):
         policy = config.dynamic_batching.default_queue_policy
@@ -306,7 +303,9 @@ def write_repository_record(output: Path, dims: ModelDims, options: RepositoryOp
         "repository_format": REPOSITORY_FORMAT,
         "flavour": options.flavour,
         "options": asdict(options),
-        "shared_memory_bytes": shared_memory_bytes(configs, dims, options.max_image_size),
+        "shared_memory_bytes": shared_memory_bytes(
+            configs, dims, options.max_image_size, options.max_concurrent_generations
+        ),
     }
     layout.write_json(output / REPOSITORY_RECORD, record)
 
@@ -337,13 +336,16 @@ def largest_exchange_bytes(spec: ModelSpec, dims: ModelDims, max_image_size: int
     )
 
 
-def shared_memory_bytes(configs: dict[str, mc.ModelConfig], dims: ModelDims, max_image_size: int) -> int:
+def shared_memory_bytes(
+    configs: dict[str, mc.ModelConfig], dims: ModelDims, max_image_size: int, concurrent_generations: int
+) -> int:
     """An upper bound of the /dev/shm the python backend uses for this repository.
 
     Every python-backend model instance has its own shared-memory region, which starts at 1 MiB and grows
     to the largest request it has seen (inputs and outputs travel through it). The bound: every instance
-    at its largest request. The `kandinsky` generation model holds the decoded float images of a request
-    (the MoVQ decoder's output, read over BLS) and its own image output of the same size.
+    at its largest request. The `kandinsky` generation model runs `concurrent_generations` generations
+    at once in one stub, each holding the decoded float images of its request (the MoVQ decoder's output,
+    read over BLS) and its own image output of the same size.
     """
     registry: dict[str, ModelSpec] = {**COMPONENTS, **SERVED_MODELS}
     total = 0
@@ -353,8 +355,10 @@ def shared_memory_bytes(configs: dict[str, mc.ModelConfig], dims: ModelDims, max
         instances = sum(group.count or 1 for group in config.instance_group) or 1
         if name == MODEL_NAME:
             decoded = registry["movq_decoder"]
-            largest = 2 * sum(
-                _tensor_bytes(t, decoded.max_batch_size, dims, max_image_size) for t in decoded.outputs
+            largest = (
+                concurrent_generations
+                * 2
+                * sum(_tensor_bytes(t, decoded.max_batch_size, dims, max_image_size) for t in decoded.outputs)
             )
         elif name in registry:
             largest = largest_exchange_bytes(registry[name], dims, max_image_size)

@@ -11,7 +11,10 @@ What `kandinsky-serve` adds around tritonserver (see the README's Security secti
 - a supervisor restarts tritonserver when it or a python-backend stub dies (`supervisor.py`);
 - deep readiness on `--health-port` (`health.py`), waited for before "Triton is serving";
 - with `--gateway`, nginx listens on the HTTP/gRPC ports and Triton on internal loopback ports
-  (`gateway.py`).
+  (`gateway.py`);
+- ONNX Runtime's TensorRT engine cache (`--ort-tensorrt` repositories) is built before serving, without
+  the ready timeout, or the start stops when it cannot be (`ort_trt_cache.py`); `--build-ort-trt-cache`
+  only builds it (the prepare step).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +120,8 @@ class TritonServer:
     `host` is the address Triton binds for HTTP, gRPC and metrics (loopback by default). With an
     `admin_key`, the APIs of `DEFAULTS.restricted_apis` need its header (kandinsky-serve always sets one;
     tests and benchmarks that start servers directly may leave them open). `start()` may be called again
-    after the process died (the supervisor restarts it on the same ports).
+    after the process died (the supervisor restarts it on the same ports). With `models`, only those are
+    loaded (Triton's explicit model control) and waited for.
     """
 
     def __init__(
@@ -131,10 +136,12 @@ class TritonServer:
         exit_timeout_s: int = DEFAULTS.exit_timeout_s,
         log_verbose: int = 0,
         log_file: Path | None = None,
+        models: Sequence[str] | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not repository_models(self.repository):
             raise FileNotFoundError(f"{self.repository} holds no model (no */config.pbtxt)")
+        self.models = None if models is None else list(models)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
         self.admin_key = admin_key
@@ -181,6 +188,9 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
+        if self.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={name}" for name in self.models]
         if self.admin_key is not None:
             cmd += self.admin_key.triton_args()
         if install.backend_dir:
@@ -213,16 +223,19 @@ class TritonServer:
         tail = log_tail(self.log_file, self._log_offset)
         return f"; the end of {self.log_file}:\n{tail}" if tail else f"; see {self.log_file}"
 
-    def wait_ready(self, timeout: float = 180.0) -> list[str]:
-        """Block until the server and every model of the repository are ready; return the model names."""
+    def wait_ready(self, timeout: float | None = 180.0) -> list[str]:
+        """Block until the server and every model it loads are ready; return the model names.
+
+        `timeout` None: no limit (the wait still ends when tritonserver exits).
+        """
         import tritonclient.http as httpclient
 
-        models = repository_models(self.repository)
+        models = repository_models(self.repository) if self.models is None else list(self.models)
         client = httpclient.InferenceServerClient(self.http_url)
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(models)
         try:
-            while time.monotonic() < deadline:
+            while deadline is None or time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(
                         f"tritonserver exited with code {self.process.returncode} while loading models"
@@ -304,7 +317,16 @@ def _parser() -> argparse.ArgumentParser:
         "printed when Triton fails to start)",
     )
     parser.add_argument(
-        "--ready-timeout", type=float, default=DEFAULTS.ready_timeout_s, help="seconds to wait for models"
+        "--ready-timeout",
+        type=float,
+        help=f"seconds to wait for models (default {DEFAULTS.ready_timeout_s:.0f}; with --build-ort-trt-cache: "
+        "no limit)",
+    )
+    parser.add_argument(
+        "--build-ort-trt-cache",
+        action="store_true",
+        help="only build ONNX Runtime's TensorRT engine cache of an --ort-tensorrt repository (load its "
+        "accelerated models once on loopback, then stop): the prepare step",
     )
     return parser
 
@@ -312,10 +334,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .gateway import Gateway, GatewayUnavailable, address, options_from_arguments
     from .health import HealthServer
+    from .ort_trt_cache import build_cache, cache_state, not_built_message
     from .supervisor import Supervisor
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.build_ort_trt_cache:
+        try:
+            built = build_cache(args.repository, timeout=args.ready_timeout, log_file=args.log_file)
+        except (RuntimeError, TimeoutError, OSError) as error:
+            print(f"kandinsky-serve: ONNX Runtime's TensorRT engine cache: {error}", file=sys.stderr)
+            return 1
+        print(f"ONNX Runtime's TensorRT engine cache built for {len(built)} models", flush=True)
+        return 0
+    # An engine cache still to build: here, without the ready timeout (a build takes longer, and a timed-out
+    # start left nothing in the cache), or not at all where it cannot be stored.
+    cache = cache_state(args.repository)
+    if cache.needed and not cache.writable():
+        print(f"kandinsky-serve: {not_built_message(cache)}", file=sys.stderr)
+        return 2
     try:
         admin_key = resolve_admin_key(args.admin_key_file)
     except (ValueError, OSError) as error:
@@ -351,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             args.gateway_runtime_dir,
         )
-    supervisor = Supervisor(server, ready_timeout_s=args.ready_timeout, gateway=gateway)
+    ready_timeout = DEFAULTS.ready_timeout_s if args.ready_timeout is None else args.ready_timeout
+    supervisor = Supervisor(server, ready_timeout_s=ready_timeout, gateway=gateway)
 
     def request_stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # unwinds to the `finally` below, wherever the main loop is
@@ -371,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         health.start()
         if gateway is not None:
             gateway.prepare()  # fail before loading models when nginx or njs is missing
+        if cache.needed:
+            build_cache(args.repository, timeout=None, log_file=args.log_file)
         models = supervisor.start()
         if gateway is not None:
             gateway.start()

@@ -1,8 +1,18 @@
 """The `tensorrt` GPU flavour: Triton's tensorrt_plan backend on the engines `kandinsky-export engines` built.
 
 The batch limit, the static shapes of a static engine and the I/O types are checked against the engine's
-sidecar. Engines whose only dynamic axis is the batch (static sizes, and the models without image axes)
-get CUDA graphs for every batch the traffic has (`add_cuda_graphs`).
+sidecar, and an engine whose engine-vs-ONNX check failed (or is missing) is refused. Engines whose only
+dynamic axis is the batch (static sizes, and the models without image axes) get CUDA graphs for every
+batch the traffic has (`add_cuda_graphs`).
+
+Profiles. An engine with several optimisation profiles (one per optimum size: 512, 768, 1024 px by
+default) has them all listed in `instance_group { profile: [...] }`: Triton's TensorRT backend then
+creates one execution context per listed profile and runs each request on the one whose optimum is
+nearest its shapes (`GetMostOptimizedProfile` in the backend's instance_state.cc); unlisted, only
+profile 0 would run. Each context holds its own activation memory: `execution_context_allocation_strategy:
+ON_PROFILE_CHANGE` asks backends that read it (from April 2025) to allocate each context its own
+profile's, and the `tensorrt_activation_memory` parameter gives what one instance holds at most
+(`profiles.instance_activation_memory`), for a memory budget to read.
 """
 
 from __future__ import annotations
@@ -13,11 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from kandinsky_client.components import DTYPES, ComponentSpec, ModelDims, TensorSpec
-from kandinsky_client.profiles import SPATIAL_SYMBOLS, ProfileSettings, is_spatially_static
+from kandinsky_client.profiles import (
+    SPATIAL_SYMBOLS,
+    ProfileSettings,
+    instance_activation_memory,
+    is_spatially_static,
+)
 from kandinsky_export.bundle import ENGINE_FILE
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .configs import RepositoryOptions, place_file, set_parameters
+
+# Triton's TensorRT backend parameter (tensorrt_backend PR #108); earlier backends ignore it.
+ALLOCATION_PARAMETER = "execution_context_allocation_strategy"
+ALLOCATION_PER_PROFILE = "ON_PROFILE_CHANGE"
+ACTIVATION_MEMORY_PARAMETER = "tensorrt_activation_memory"
 
 
 def configure_tensorrt(
@@ -28,7 +48,8 @@ def configure_tensorrt(
     entry: Mapping[str, Any],
     version_dir: Path,
     options: RepositoryOptions,
-) -> tuple[dict[str, list[int]], ProfileSettings]:
+) -> tuple[list[dict[str, list[int]]], ProfileSettings]:
+    """Serve the component's engine; returns the warm-up shape sets (one per profile) and its settings."""
     record = entry.get("tensorrt")
     engine = component_dir / record["engine"] if record else None
     if engine is None or not engine.is_file():
@@ -37,28 +58,52 @@ def configure_tensorrt(
             "with `kandinsky-export engines --bundle <bundle>`"
         )
     metadata = json.loads((component_dir / record["metadata"]).read_text())
-    profile = metadata["profile"]["inputs"]
     check_engine(spec, metadata)
+    profiles = [p["inputs"] for p in metadata["profile"]["profiles"]]
     config.platform = "tensorrt_plan"
     config.default_model_filename = ENGINE_FILE
     place_file(engine, version_dir / ENGINE_FILE)
 
-    static = _static_symbols(spec, dims, profile)
+    warmups = serve_profiles(config, spec, dims, profiles, options)
+    memory = instance_activation_memory(metadata["activation_bytes"])
+    parameters: dict[str, object] = {
+        "precision": metadata["source"]["precision"],
+        "tensorrt_profile": metadata["profile"]["settings"],
+        "tensorrt_version": metadata["tensorrt_version"],
+        ACTIVATION_MEMORY_PARAMETER: memory,
+    }
+    if len(profiles) > 1:
+        parameters[ALLOCATION_PARAMETER] = ALLOCATION_PER_PROFILE
+    set_parameters(config, parameters)
+    return warmups, ProfileSettings.from_dict(metadata["profile"]["settings"])
+
+
+def serve_profiles(
+    config: mc.ModelConfig,
+    spec: ComponentSpec,
+    dims: ModelDims,
+    profiles: Sequence[Mapping[str, Mapping[str, Sequence[int]]]],
+    options: RepositoryOptions,
+) -> list[dict[str, list[int]]]:
+    """What an engine's profiles decide in its Triton config; returns the warm-up shape sets.
+
+    Every profile listed in the instance groups; a single static profile fixes the spatial dims and gets
+    CUDA graphs. One warm-up per profile, at its optimum: Triton runs each on that profile's context
+    (distance 0), so no context meets its first request cold (CUDA loads kernels lazily, on first use).
+    Shared with the timed flavour, which serves the profiles `kandinsky-export engines` would build.
+    """
+    names = [str(index) for index in range(len(profiles))]
+    for group in config.instance_group:
+        del group.profile[:]
+        group.profile.extend(names)
+    single = profiles[0] if len(profiles) == 1 else None
+    static = _static_symbols(spec, dims, single) if single else {}
     if static:
         _fix_dims(config.input, spec.inputs, static)
         _fix_dims(config.output, spec.outputs, static)
-    if options.cuda_graphs and is_spatially_static(profile):
-        add_cuda_graphs(config, spec, profile)
-    set_parameters(
-        config,
-        {
-            "precision": metadata["source"]["precision"],
-            "tensorrt_profile": metadata["profile"]["settings"],
-            "tensorrt_version": metadata["tensorrt_version"],
-        },
-    )
-    settings = ProfileSettings.from_dict(metadata["profile"]["settings"])
-    return {name: list(shapes["opt"]) for name, shapes in profile.items()}, settings
+    if options.cuda_graphs and single and is_spatially_static(single):
+        add_cuda_graphs(config, spec, single)
+    return [{name: list(shapes["opt"]) for name, shapes in profile.items()} for profile in profiles]
 
 
 def add_cuda_graphs(
@@ -84,17 +129,29 @@ def add_cuda_graphs(
 
 
 def check_engine(spec: ComponentSpec, metadata: Mapping[str, Any]) -> None:
-    """The engine must serve the registry's contract: same inputs, batch limit and I/O types."""
-    profile = metadata["profile"]["inputs"]
-    expected = {t.name for t in spec.inputs}
-    if set(profile) != expected:
+    """The engine must serve the registry's contract (inputs, batch limit, I/O types) and have passed
+    its engine-vs-ONNX check; a sidecar from before several profiles is refused (rebuild)."""
+    rebuild = f"rebuild it with `kandinsky-export engines --components {spec.name}`"
+    if "profiles" not in metadata.get("profile", {}) or "activation_bytes" not in metadata:
         raise ValueError(
-            f"{spec.name}: engine inputs {sorted(profile)} != registry inputs {sorted(expected)}"
+            f"{spec.name}: the engine was built by an older kandinsky-export (one profile, no activation "
+            f"memory or engine-vs-ONNX check in its sidecar): {rebuild}"
         )
+    expected = {t.name for t in spec.inputs}
+    for index, entry in enumerate(metadata["profile"]["profiles"]):
+        if set(entry["inputs"]) != expected:
+            raise ValueError(
+                f"{spec.name}: engine profile {index} inputs {sorted(entry['inputs'])} != registry inputs "
+                f"{sorted(expected)}"
+            )
     if metadata["profile"]["max_batch_size"] != spec.max_batch_size:
         raise ValueError(
             f"{spec.name}: engine built for batch {metadata['profile']['max_batch_size']}, the registry (and the "
             f"ensembles) need {spec.max_batch_size}: rebuild with `kandinsky-export engines`"
+        )
+    if len(metadata["activation_bytes"]) != len(metadata["profile"]["profiles"]):
+        raise ValueError(
+            f"{spec.name}: the sidecar's activation memory does not cover every profile: {rebuild}"
         )
     io_dtypes = metadata.get("io_dtypes", {})
     for tensor in (*spec.inputs, *spec.outputs):
@@ -104,6 +161,22 @@ def check_engine(spec: ComponentSpec, metadata: Mapping[str, Any]) -> None:
                 f"{spec.name}: engine tensor '{tensor.name}' is {got}, the registry says {tensor.dtype} "
                 "(TensorRT before 10 turns INT64 inputs into INT32: build with TensorRT 10 or later)"
             )
+    check = metadata.get("check")
+    if not check:
+        raise ValueError(f"{spec.name}: the engine has no engine-vs-ONNX check in its sidecar: {rebuild}")
+    if not check.get("passed"):
+        failing = [
+            f"{o['output']} on profile {p['profile']}: "
+            + ("NaN/Inf" if not o["finite"] else f"max rel error {o['max_rel_error']:.3e}")
+            for p in check.get("profiles", [])
+            for o in p["outputs"]
+            if not o["passed"]
+        ]
+        raise ValueError(
+            f"{spec.name}: the engine failed its engine-vs-ONNX check ({'; '.join(failing) or 'nothing compared'}"
+            f", tolerance {check.get('tolerance')}): it is not served. Build it from the FP32 ONNX "
+            f"(`kandinsky-export engines --components {spec.name} --precision fp32`)"
+        )
 
 
 def _static_symbols(

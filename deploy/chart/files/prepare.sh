@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The prepare Job: checkpoint -> ONNX bundle -> FP16 -> TensorRT engines -> model repository, once per
-# checkpoint key and GPU model, into $KANDINSKY_VOLUME/$KANDINSKY_KEY/<gpu model>/ (`kandinsky-entrypoint
-# prepare` of docker/entrypoint.sh, which checks the settings first and skips what is already done). Serving pods wait for the READY marker written last and
-# never write to the volume. A second Job for the same folder waits for the first (flock).
+# The prepare Job: checkpoint -> ONNX bundle -> FP16 -> TensorRT engines -> model repository (-> ONNX
+# Runtime's TensorRT engine cache, with build.ortTensorrt), once per checkpoint key and GPU model, into
+# $KANDINSKY_VOLUME/$KANDINSKY_KEY/<gpu model>/ (`kandinsky-entrypoint prepare` of docker/entrypoint.sh,
+# which checks the settings first and skips what is already done). Serving pods wait for the READY marker
+# written last and never write to the volume. A second Job for the same folder waits for the first (flock).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
