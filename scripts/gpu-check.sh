@@ -15,7 +15,10 @@
 #   2. kandinsky-export checkpoint --preset PRESET          (random weights of the released architecture)
 #   3. kandinsky-export onnx                                 (FP32 ONNX, parity vs PyTorch)
 #   4. kandinsky-export fp16 --providers CUDAExecutionProvider   (the error measured on the GPU too)
-#   5. scripts/gpu_check.py: latency per component and end to end, the table
+#   5. where a GPU Triton is present (the NGC image: tritonserver on PATH with its GPU backends): the
+#      served flavour, tensorrt when the tensorrt module and backend exist (engines built here), else
+#      onnxruntime; gpu_check.py then also runs both loops (client, server) through that Triton
+#   6. scripts/gpu_check.py: latency per component and end to end, served, the table
 # Also: the `gpu` pytest marker (tests/test_gpu_end_to_end.py) where a GPU Triton (NGC image) is present.
 set -euo pipefail
 
@@ -33,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --python) PYTHON="$2"; shift 2 ;;
         --size | --prior-steps | --decoder-steps | --repeats | --e2e-repeats | --device)
             MEASURE_ARGS+=("$1" "$2"); shift 2 ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -80,7 +83,22 @@ providers=(CUDAExecutionProvider)
 [[ " ${MEASURE_ARGS[*]-} " == *" --device cpu "* ]] && providers=(CPUExecutionProvider)
 "${export_cmd[@]}" fp16 --bundle "${BUNDLE}" --providers "${providers[@]}"
 
-# 5. the measurements and the table
+# 5. a GPU Triton to serve it with (the NGC image), in the flavour it supports
+SERVE_FLAVOUR="none"
+if command -v tritonserver >/dev/null 2>&1; then
+    backends="$(dirname "$(dirname "$(command -v tritonserver)")")/backends"
+    if [[ -d "${backends}/tensorrt" ]] && "${PYTHON}" -c "import tensorrt" >/dev/null 2>&1; then
+        SERVE_FLAVOUR="tensorrt"
+        "${export_cmd[@]}" engines --bundle "${BUNDLE}"
+    elif [[ -d "${backends}/onnxruntime" ]]; then
+        SERVE_FLAVOUR="onnxruntime"
+    fi
+    log "Triton at $(command -v tritonserver): serving the ${SERVE_FLAVOUR} flavour"
+else
+    log "no tritonserver on PATH (not the NGC image): the served step is skipped"
+fi
+
+# 6. the measurements and the table
 "${PYTHON}" "${ROOT}/scripts/gpu_check.py" --checkpoint "${CHECKPOINT}" --bundle "${BUNDLE}" \
-    --out "${OUT}/${PRESET}" --preset "${PRESET}" "${MEASURE_ARGS[@]}"
+    --out "${OUT}/${PRESET}" --preset "${PRESET}" --serve-flavour "${SERVE_FLAVOUR}" "${MEASURE_ARGS[@]}"
 log "table: ${OUT}/${PRESET}/gpu-check.md (put it in docs/gpu.md with the date and the card)"

@@ -9,6 +9,8 @@
   text-to-image run at --size (recorded by `kandinsky_export.calibration`), batch as text-to-image uses it.
 - End to end: the generation core (the code the server runs) over those ONNX Runtime sessions, and the
   diffusers FP16 pipelines (prior + decoder), same size and steps, same GPU.
+- Served (`--serve-flavour`): the bundle served by Triton in that repository flavour, both loops (client
+  and server) at concurrency 1, and the difference between their images.
 
 Writes OUT/gpu-check.json and OUT/gpu-check.md (a table headed by the card's name). `--device cpu` runs
 the same code on the CPU (ONNX Runtime's CPU provider, PyTorch FP32): the plumbing check of the test suite.
@@ -219,6 +221,48 @@ def end_to_end(
     }
 
 
+def served(
+    bundle: Path, out: Path, *, flavour: str, size: int, prior_steps: int, decoder_steps: int, repeats: int
+) -> dict[str, Any]:
+    """Both loops through a Triton serving `flavour` (a GPU flavour in the NGC image; `cpu` checks the
+    plumbing): seconds per image at concurrency 1, and how far the server loop's image is from the
+    client loop's (the server loop fetches every network output over BLS, GPU memory included)."""
+    from kandinsky_client.pipeline import KandinskyClient
+    from kandinsky_export.calibration import PROMPT
+    from kandinsky_repository.generate import RepositoryOptions, generate_repository
+    from kandinsky_repository.server import TritonServer, free_port
+
+    repository = out / f"repository-{flavour}"
+    generate_repository(bundle, repository, RepositoryOptions(flavour=flavour))
+    request = {
+        "prompt": PROMPT,
+        "height": size,
+        "width": size,
+        "prior_num_inference_steps": prior_steps,
+        "num_inference_steps": decoder_steps,
+        "seed": 0,
+        "output_type": "np",
+    }
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    seconds, images = {}, {}
+    with TritonServer(repository, log_file=out / f"triton-{flavour}.log", **ports) as server:
+        for loop in ("client", "server"):
+            with KandinskyClient(server.grpc_url, loop=loop) as client:
+                images[loop] = np.asarray(client.text_to_image(**request).images)
+                seconds[loop] = _median_seconds(
+                    lambda c=client: c.text_to_image(**request), 0, repeats, lambda: None
+                )
+    return {
+        "flavour": flavour,
+        "size": size,
+        "prior_steps": prior_steps,
+        "decoder_steps": decoder_steps,
+        "client_loop_s": seconds["client"],
+        "server_loop_s": seconds["server"],
+        "loops_max_abs_difference": float(np.abs(images["server"] - images["client"]).max()),
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### {result['gpu']}",
@@ -253,6 +297,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"| {e2e['diffusers']} | {e2e['diffusers_s']:.3f} |",
         f"| speed-up | {e2e['speedup']:.2f}x |",
     ]
+    serve = result.get("served")
+    if serve:
+        lines += [
+            "",
+            f"| served, {serve['flavour']} flavour ({serve['prior_steps']} + {serve['decoder_steps']} steps, "
+            f"{serve['size']} px) | seconds per image |",
+            "|---|---|",
+            f"| client loop | {serve['client_loop_s']:.3f} |",
+            f"| server loop | {serve['server_loop_s']:.3f} |",
+            f"| largest difference between the loops' images (0..1) | {serve['loops_max_abs_difference']:.1e} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--e2e-repeats", type=int, default=3)
+    parser.add_argument(
+        "--serve-flavour",
+        choices=("none", "cpu", "onnxruntime", "tensorrt"),
+        default="none",
+        help="also serve the bundle with this repository flavour and run both loops through Triton "
+        "(gpu-check.sh picks tensorrt or onnxruntime inside the NGC image)",
+    )
     args = parser.parse_args(argv)
 
     import onnxruntime
@@ -309,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.serve_flavour != "none":
+        result["served"] = served(
+            args.bundle,
+            args.out,
+            flavour=args.serve_flavour,
+            size=args.size,
+            prior_steps=args.prior_steps,
+            decoder_steps=args.decoder_steps,
+            repeats=args.e2e_repeats,
+        )
     (args.out / "gpu-check.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "gpu-check.md").write_text(markdown(result))
     print(markdown(result))

@@ -52,6 +52,8 @@ def test_the_measurements_run_end_to_end_on_the_cpu(
         "1",
         "--e2e-repeats",
         "1",
+        "--serve-flavour",
+        "cpu",
     ]
     assert _module().main(argv) == 0
     result = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
@@ -61,8 +63,12 @@ def test_the_measurements_run_end_to_end_on_the_cpu(
     assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 for r in result["components"])
     assert all(r["served_vs_fp32_rel_error"] < 3e-2 for r in result["components"])
     assert result["end_to_end"]["ours_s"] > 0 and result["end_to_end"]["diffusers_s"] > 0
+    served = result["served"]
+    assert served["client_loop_s"] > 0 and served["server_loop_s"] > 0
+    assert served["loops_max_abs_difference"] == 0.0  # the same numbers on the CPU flavour
     table = (tmp_path / "out" / "gpu-check.md").read_text()
     assert table.startswith("### CPU") and "| end to end (2 prior + 2 decoder steps) |" in table
+    assert "| served, cpu flavour (2 + 2 steps, 128 px) | seconds per image |" in table
 
 
 def test_the_script_refuses_a_machine_without_a_gpu(tmp_path: Path) -> None:
