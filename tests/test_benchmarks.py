@@ -442,8 +442,12 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint_root
         "diffusers float32",
         "Components",
         "tiny preset",
+        # Per-model times are summed per generation, and said so (issue 17, 6d); per model request too.
+        "queue ms/generation",
+        "compute_infer ms/model request",
     ):
         assert needle in table, needle
+    assert "ms/request" not in table
     assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -472,3 +476,118 @@ def test_scheduler_benchmark_reports_scheduler_and_unet_time_per_step(tmp_path, 
             assert _positive_finite(row[key]), (row["scheduler"], row["loop"], key)
         # The scheduler's numpy step is a small part of a step; a wrong window would break this.
         assert row["scheduler_ms_per_step"] < 1e3 * row["p50_s"] / row["num_inference_steps"]
+
+
+# -- `kandinsky-bench timed`: the timed flavour, modelled GPU time ------------------------------------
+
+
+def test_batch_statistics_are_parsed_per_batch_size():
+    raw = _raw_stats(5_000, 700, 3, as_strings=True)
+    raw["model_stats"][0]["batch_stats"] = [
+        {"batch_size": "2", "compute_infer": {"count": "2", "ns": "10"}},
+        {"batch_size": "8", "compute_infer": {"count": "1", "ns": "40"}},
+    ]
+    before = stats.parse_model_stats(_raw_stats(0, 0, 0, as_strings=True))
+    delta = stats.stats_delta(before, stats.parse_model_stats(raw))
+    assert stats.executions_by_batch(delta["unet"]) == {2: 2, 8: 1}
+    assert stats.executions_by_batch(delta["prior"]) == {}
+
+
+def test_timed_schedules_ideal_rows_and_modelled_bound():
+    from kandinsky_bench import timed
+    from kandinsky_repository.gpu_costs import load_costs, modelled_generation_seconds, modelled_seconds
+
+    assert timed.parse_schedule("ddpm-25+50") == timed.Schedule("ddpm-25+50", "DDPMScheduler", 25, 50)
+    dpm = timed.parse_schedule("dpm-20")
+    assert (dpm.scheduler, dpm.prior_steps, dpm.steps) == ("DPMSolverMultistepScheduler", 25, 20)
+    for bad in ("ddpm", "nope-25+50", "ddpm-x+50", "ddpm-0"):
+        with pytest.raises(ValueError):
+            timed.parse_schedule(bad)
+    # Guided rows (2 per image) of every running generation, up to the batch limit (UNet 8, prior 16).
+    assert [timed.ideal_rows("unet", c) for c in (1, 2, 4, 8, 32)] == [2, 4, 8, 8, 8]
+    assert [timed.ideal_rows("prior", c) for c in (1, 8, 32)] == [2, 16, 16]
+    costs = load_costs()
+    schedule = timed.parse_schedule("ddpm-25+50")
+    alone = timed.modelled_alone("h100", 768, schedule, costs)
+    assert alone == pytest.approx(modelled_generation_seconds("h100", 768, 768).seconds_per_image)
+    assert timed.modelled_bound("h100", 768, schedule, 1, costs) == pytest.approx(alone)
+    # Batching can only share weight reads and floors: the bound per image never grows with concurrency.
+    assert timed.modelled_bound("h100", 768, schedule, 8, costs) <= alone
+    models = {"unet": {"executions_by_batch": {2: 3, 8: 1}}, "tokenizer": {"executions_by_batch": {1: 5}}}
+    expected = 3 * modelled_seconds("unet", 2, 768, 768, "h100") + modelled_seconds(
+        "unet", 8, 768, 768, "h100"
+    )
+    assert timed.modelled_busy(models, "h100", 768, costs) == pytest.approx(expected)
+    with pytest.raises(SystemExit):  # 128 px is below the engine profiles' floor when 768 is served
+        timed.parse_args(["--sizes", "128", "768"])
+
+
+def test_timed_benchmark_smoke(tmp_path, tiny_checkpoint_root, tiny_bundle):
+    """`kandinsky-bench timed` end to end at the smallest settings (both repositories, both loops): the
+    JSON's structure and the sanity of its numbers, never their size."""
+    from kandinsky_bench.cli import main
+    from kandinsky_client.components import COMPONENTS
+    from kandinsky_repository.gpu_costs import modelled_generation_seconds
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "checkpoint").symlink_to(tiny_checkpoint_root)  # reused, not written and exported again
+    (artifacts / "onnx").symlink_to(tiny_bundle[0])
+    out = tmp_path / "timed.json"
+    argv = [
+        "timed", "--gpu", "h100", "--sizes", "128", "--concurrency", "1", "2", "--schedules", "ddpm-2+2",
+        "--repeats", "2", "--artifacts", str(artifacts), "--output", str(tmp_path / "results"),
+        "--json", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    for key in (
+        "label",
+        "command",
+        "date",
+        "machine",
+        "versions",
+        "settings",
+        "estimate",
+        "stub_hop",
+        "rows",
+    ):
+        assert key in result, key
+    assert "modelled" in result["label"] and "h100" in result["label"]
+    assert result["estimate"]["cells"] == 4
+
+    assert [(h["loop"], h["size"]) for h in result["stub_hop"]] == [("client", 128), ("server", 128)]
+    for hop in result["stub_hop"]:
+        assert _positive_finite(hop["stub_hop_per_step_s"]) and _positive_finite(hop["stub_hop_per_call_s"])
+
+    rows = result["rows"]
+    assert [(r["loop"], r["concurrency"]) for r in rows] == [
+        ("client", 1),
+        ("client", 2),
+        ("server", 1),
+        ("server", 2),
+    ]
+    alone = modelled_generation_seconds("h100", 128, 128, prior_steps=2, steps=2).seconds_per_image
+    for row in rows:
+        assert row["generations"] >= 2 and row["size"] == 128 and row["steps"] == 2
+        assert _positive_finite(row["images_per_s"]) and _positive_finite(row["bound_images_per_s"])
+        assert row["latency"]["p50"] <= row["latency"]["p99"]
+        assert row["modelled_compute_per_image_s"] == pytest.approx(alone) and alone > 0
+        assert 0 < row["gpu_busy_share"] <= 1  # the timed networks sleep one at a time
+        assert row["queue_per_step_s"] >= 0
+        assert row["stub_hop"]["stub_hop_per_step_s"] > 0
+        # (p50 - modelled compute) / steps means something alone only; the GPU's idle time at any concurrency.
+        assert (row["outside_modelled_per_step_s"] is None) == (row["concurrency"] > 1)
+        assert math.isfinite(row["gpu_idle_per_step_s"])
+        for model in ("unet", "prior"):
+            ideal = row[f"{model}_ideal_rows"]
+            assert ideal == min(2 * row["concurrency"], COMPONENTS[model].max_batch_size)
+            # A generation has one step in flight: no execution holds more than every generation's rows.
+            assert 0 < row[f"{model}_rows_per_execution"] <= ideal, (model, row["loop"], row["concurrency"])
+            assert (
+                sum(row["models"][model]["executions_by_batch"].values())
+                == row["models"][model]["executions"]
+            )
+    table = (tmp_path / "results" / "results.md").read_text()
+    for needle in ("modelled: h100 timed flavour", "stub hop ms/step", "| 128 | server | 2 |"):
+        assert needle in table, needle

@@ -188,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         from .schedulers import main as schedulers_main
 
         return schedulers_main(arguments[1:])
+    if arguments[:1] == ["flops"]:  # `kandinsky-bench flops ...`: the counts behind the timed flavour's costs
+        from .flops import main as flops_main
+
+        return flops_main(arguments[1:])
+    if arguments[:1] == ["timed"]:  # `kandinsky-bench timed ...`: both loops on the timed flavour (modelled)
+        from .timed import main as timed_main
+
+        return timed_main(arguments[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)

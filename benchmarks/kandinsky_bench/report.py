@@ -277,20 +277,23 @@ def component_rows(result: dict[str, Any]) -> list[str]:
 
 
 def server_rows(level: dict[str, Any]) -> list[str]:
-    count = level["requests"]
+    """Per served model: its requests (a per-step model gets one per denoising step) and its Triton times
+    summed per generation (what one generation spent in that model), then compute per model request."""
+    generations = level["requests"]
     rows = [
-        "| model | requests | executions | requests/execution | batch items/execution | queue ms/request "
-        "| compute_input ms/request | compute_infer ms/request | compute_output ms/request |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | model requests | executions | model requests/execution | batch rows/execution "
+        "| queue ms/generation | compute_input ms/generation | compute_infer ms/generation "
+        "| compute_output ms/generation | compute_infer ms/model request |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, stats in level["models"].items():
         if not stats["requests"]:
             continue
         rows.append(
             f"| {model} | {stats['requests']} | {stats['executions']} | {stats['requests_per_execution']:.2f} | "
-            f"{stats['inferences_per_execution']:.2f} | {_ms(stats['queue_s'] / count)} | "
-            f"{_ms(stats['compute_input_s'] / count)} | {_ms(stats['compute_infer_s'] / count)} | "
-            f"{_ms(stats['compute_output_s'] / count)} |"
+            f"{stats['inferences_per_execution']:.2f} | {_ms(stats['queue_s'] / generations)} | "
+            f"{_ms(stats['compute_input_s'] / generations)} | {_ms(stats['compute_infer_s'] / generations)} | "
+            f"{_ms(stats['compute_output_s'] / generations)} | {_ms2(stats['compute_infer_s'] / stats['requests'])} |"
         )
     return rows
 
@@ -309,7 +312,7 @@ def overhead_rows(level: dict[str, Any]) -> list[str]:
 
     where = "client" if level.get("loop", "client") == "client" else "server"
     rows = [
-        "| per request | seconds | ms per denoising step | share of end to end |",
+        "| per generation (one end-to-end request) | seconds | ms per denoising step | share of end to end |",
         "|---|---|---|---|",
         row("end to end (client wall time)", end_to_end),
         row("model compute (Triton compute_infer of the network models)", o["compute_s"]),

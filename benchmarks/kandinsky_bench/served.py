@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .proxy import proxy_process
 from .stats import (
+    executions_by_batch,
     overhead,
     parse_model_stats,
     per_execution,
@@ -76,6 +77,7 @@ class Request:
     guidance_scale: float
     prior_guidance_scale: float | None = None  # None: guidance_scale
     num_images_per_prompt: int = 1
+    scheduler: str | None = None  # decoder scheduler, a diffusers class name; None: the checkpoint's
 
     @property
     def steps(self) -> int:
@@ -95,7 +97,7 @@ class Request:
         prior_guidance = (
             self.guidance_scale if self.prior_guidance_scale is None else self.prior_guidance_scale
         )
-        return {
+        options: dict[str, Any] = {
             "num_images_per_prompt": self.num_images_per_prompt,
             "height": self.height,
             "width": self.width,
@@ -104,6 +106,9 @@ class Request:
             "prior_guidance_scale": prior_guidance,
             "guidance_scale": self.guidance_scale,
         }
+        if self.scheduler is not None:
+            options["scheduler"] = self.scheduler
+        return options
 
 
 def add_subcommand_arguments(parser: argparse.ArgumentParser, *, size: int, num_inference_steps: int) -> None:
@@ -279,6 +284,8 @@ def summarize_level(
             "inferences": counters.get("inference_count", 0),
             "executions": counters.get("execution_count", 0),
             **per_execution(counters),
+            # {rows: executions}: what the dynamic batcher formed (Triton's batch statistics).
+            "executions_by_batch": executions_by_batch(counters),
             **{
                 f"{k}_s": times[k]
                 for k in ("queue", "compute_input", "compute_infer", "compute_output", "success")

@@ -14,6 +14,8 @@ import numpy as np
 PERCENTILES = (50, 90, 99)
 # Triton's per-request durations (inference_stats); "success" is the whole request inside the server.
 TRITON_DURATIONS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+# Parsed counter of the executions at one batch size: f"{BATCH_EXECUTIONS_PREFIX}{rows}".
+BATCH_EXECUTIONS_PREFIX = "executions_at_batch_"
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -48,7 +50,7 @@ def _as_int(value: Any) -> int:
 
 def parse_model_stats(raw: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     """Triton's statistics JSON -> {model: {"<duration>_ns", "<duration>_count", "inference_count",
-    "execution_count"}} with integers, summed over versions."""
+    "execution_count", "executions_at_batch_<rows>"}} with integers, summed over versions."""
     parsed: dict[str, dict[str, int]] = {}
     for model in raw.get("model_stats", []):
         out = parsed.setdefault(model["name"], {})
@@ -59,7 +61,24 @@ def parse_model_stats(raw: Mapping[str, Any]) -> dict[str, dict[str, int]]:
             out[f"{key}_count"] = out.get(f"{key}_count", 0) + _as_int(entry.get("count"))
         for key in ("inference_count", "execution_count"):
             out[key] = out.get(key, 0) + _as_int(model.get(key))
+        for batch in model.get("batch_stats", []):
+            key = f"{BATCH_EXECUTIONS_PREFIX}{_as_int(batch.get('batch_size'))}"
+            out[key] = out.get(key, 0) + _as_int(batch.get("compute_infer", {}).get("count"))
     return parsed
+
+
+def executions_by_batch(counters: Mapping[str, int]) -> dict[int, int]:
+    """{batch rows: executions} from parsed counters (or their delta): the batches a model really ran.
+
+    Triton counts each execution under its total batch (`batch_stats`), so the mean rows per execution
+    hides nothing here: e.g. what a cost that is not linear in the rows adds up to.
+    """
+    found = {
+        int(key[len(BATCH_EXECUTIONS_PREFIX) :]): value
+        for key, value in counters.items()
+        if key.startswith(BATCH_EXECUTIONS_PREFIX) and value
+    }
+    return dict(sorted(found.items()))
 
 
 def stats_delta(
