@@ -57,7 +57,8 @@ if [[ -n "${WHEELS}" ]]; then
     fi
     "${PYTHON}" -m pip install --no-index --find-links "${WHEELS}" "${WHEELS}"/*.whl
 fi
-"${PYTHON}" -m pip install --no-index --no-build-isolation --no-deps "${ROOT}/client" "${ROOT}"
+"${PYTHON}" -m pip install --no-index --no-build-isolation --no-deps "${ROOT}/core" "${ROOT}/client" \
+    "${ROOT}/model_repository" "${ROOT}/export"
 "${PYTHON}" - <<'EOF'
 import importlib, sys
 missing = [m for m in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tokenizers", "tritonclient")

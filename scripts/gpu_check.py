@@ -165,9 +165,9 @@ def end_to_end(
     """Seconds per image: the generation core over ONNX Runtime, and diffusers, same GPU and settings."""
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
-    from kandinsky_client.generation import Generator
-    from kandinsky_client.request import GenerationRequest
-    from kandinsky_client.validation import check_request
+    from kandinsky_core.generation import Generator
+    from kandinsky_core.request import GenerationRequest
+    from kandinsky_core.validation import check_request
     from kandinsky_export.calibration import PROMPT, BundleInfer, bundle_info
 
     providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
@@ -229,8 +229,8 @@ def served(
     client loop's (the server loop fetches every network output over BLS, GPU memory included)."""
     from kandinsky_client.pipeline import KandinskyClient
     from kandinsky_export.calibration import PROMPT
-    from kandinsky_repository.generate import RepositoryOptions, generate_repository
-    from kandinsky_repository.server import TritonServer, free_port
+    from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
+    from kandinsky_repository.serving.triton import TritonServer, free_port
 
     repository = out / f"repository-{flavour}"
     generate_repository(bundle, repository, RepositoryOptions(flavour=flavour))

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from kandinsky_repository.server import free_port
+from kandinsky_repository.serving.triton import free_port
 
 TINY_SEED = 0
 # The admin key of the servers tests start (Triton's restricted APIs: shared memory, logging, ...).
@@ -43,7 +43,7 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kandinsky_repository.generate import generate_repository
+    from kandinsky_repository.generator.repository import generate_repository
 
     out = tmp_path_factory.mktemp("tiny-repo") / "model_repository"
     generate_repository(tiny_bundle[0], out)
@@ -65,7 +65,7 @@ def triton_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactor
 def local_triton_server(repository: Path, log: Path):
     """A TritonServer (not started) on free loopback ports, its restricted APIs behind TEST_ADMIN_KEY."""
     from kandinsky_repository.admin import AdminKey
-    from kandinsky_repository.server import TritonServer
+    from kandinsky_repository.serving.triton import TritonServer
 
     return TritonServer(
         repository,
@@ -97,7 +97,7 @@ def grpc_client(triton_server):
 @pytest.fixture(scope="session")
 def nginx_with_njs() -> None:
     """Skip (with the reason) where nginx or its njs module is missing; `bash .ci/run` installs both."""
-    from kandinsky_repository.gateway import GatewayUnavailable, find_nginx, njs_load_module
+    from kandinsky_repository.gateway.nginx import GatewayUnavailable, find_nginx, njs_load_module
 
     try:
         njs_load_module(find_nginx())

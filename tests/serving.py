@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kandinsky_repository.server import free_port
+from kandinsky_repository.serving.triton import free_port
 
 from .conftest import TEST_ADMIN_KEY
 
@@ -123,7 +123,7 @@ def start_serve(repository: Path, log_dir: Path, *extra: str, timeout: float = 2
     command = [
         sys.executable,
         "-m",
-        "kandinsky_repository.server",
+        "kandinsky_repository.serving.server",
         "--repository",
         str(repository),
         "--http-port",

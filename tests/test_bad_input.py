@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kandinsky_client import components as registry
-from kandinsky_client.errors import InferenceFailed, InvalidRequest, ModelNotReady, ServerUnavailable
 from kandinsky_client.pipeline import KandinskyClient, ServerInfo
-from kandinsky_client.request import GenerationRequest
-from kandinsky_client.validation import check_request
+from kandinsky_core import components as registry
+from kandinsky_core.errors import InferenceFailed, InvalidRequest, ModelNotReady, ServerUnavailable
+from kandinsky_core.request import GenerationRequest
+from kandinsky_core.validation import check_request
 
 from .conftest import free_port
 
@@ -100,8 +100,8 @@ class _ConfigOnlyTransport:
     generator's flavour-neutral `image_sizes` parameter, made from it)."""
 
     def __init__(self, dims, profile):
-        from kandinsky_client.profiles import ProfileSettings, image_size_limits
-        from kandinsky_client.server_info import REPOSITORY_FORMAT
+        from kandinsky_core.profiles import ProfileSettings, image_size_limits
+        from kandinsky_core.server_info import REPOSITORY_FORMAT
 
         static = profile["static_size"]
         settings = ProfileSettings(

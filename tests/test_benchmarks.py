@@ -495,7 +495,7 @@ def test_batch_statistics_are_parsed_per_batch_size():
 
 def test_timed_schedules_ideal_rows_and_modelled_bound():
     from kandinsky_bench import timed
-    from kandinsky_repository.gpu_costs import load_costs, modelled_generation_seconds, modelled_seconds
+    from kandinsky_core.gpu_costs import load_costs, modelled_generation_seconds, modelled_seconds
 
     assert timed.parse_schedule("ddpm-25+50") == timed.Schedule("ddpm-25+50", "DDPMScheduler", 25, 50)
     dpm = timed.parse_schedule("dpm-20")
@@ -526,8 +526,8 @@ def test_timed_benchmark_smoke(tmp_path, tiny_checkpoint_root, tiny_bundle):
     """`kandinsky-bench timed` end to end at the smallest settings (both repositories, both loops): the
     JSON's structure and the sanity of its numbers, never their size."""
     from kandinsky_bench.cli import main
-    from kandinsky_client.components import COMPONENTS
-    from kandinsky_repository.gpu_costs import modelled_generation_seconds
+    from kandinsky_core.components import COMPONENTS
+    from kandinsky_core.gpu_costs import modelled_generation_seconds
 
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from kandinsky_export import bundle as layout
+from kandinsky_core import bundle as layout
 from kandinsky_export import onnx_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def test_a_failed_parity_check_leaves_no_manifest_and_every_later_step_refuses(
     """Point 1: the manifest was written before "ONNX parity failed" was raised, and the Docker entrypoint
     only checks that it exists: the next start converted, built and served graphs that had failed."""
     from kandinsky_export.fp16 import convert_bundle
-    from kandinsky_repository.cli import main as repository_main
-    from kandinsky_repository.generate import generate_repository
+    from kandinsky_repository.generator.cli import main as repository_main
+    from kandinsky_repository.generator.repository import generate_repository
 
     assert layout.manifest_path(bundle).is_file()  # a bundle that passed, exported again: the second start
     monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 0.0)  # every real error now fails the check
@@ -121,7 +121,7 @@ def test_the_exporter_leaves_warning_filters_alone() -> None:
 
 
 def _python_files() -> list[Path]:
-    folders = ("client", "export", "model_repository", "benchmarks")
+    folders = ("core", "client", "export", "model_repository", "benchmarks")
     return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
 
 
@@ -145,12 +145,12 @@ def _module_assignments(path: Path) -> dict[str, ast.AST]:
 @pytest.mark.parametrize(
     ("name", "home"),
     [
-        ("MANIFEST", "export/kandinsky_export/bundle.py"),
-        ("ENGINE_FILE", "export/kandinsky_export/bundle.py"),
-        ("IMAGE_PROCESSOR_CONFIG", "export/kandinsky_export/bundle.py"),
-        ("ONNX_FILE", "export/kandinsky_export/bundle.py"),
-        ("FP16_DIR", "export/kandinsky_export/bundle.py"),
-        ("MAX_IMAGES_PER_REQUEST", "client/kandinsky_client/components.py"),
+        ("MANIFEST", "core/kandinsky_core/bundle.py"),
+        ("ENGINE_FILE", "core/kandinsky_core/bundle.py"),
+        ("IMAGE_PROCESSOR_CONFIG", "core/kandinsky_core/bundle.py"),
+        ("ONNX_FILE", "core/kandinsky_core/bundle.py"),
+        ("FP16_DIR", "core/kandinsky_core/bundle.py"),
+        ("MAX_IMAGES_PER_REQUEST", "core/kandinsky_core/components.py"),
     ],
 )
 def test_each_shared_name_is_defined_once(name: str, home: str) -> None:
@@ -177,15 +177,17 @@ def test_one_dtype_table_and_one_image_size() -> None:
                 sizes.append(f"{path.relative_to(ROOT)}:{name}")
     assert tables == []  # DTYPES is built from DType rows, not a dict literal
     assert sorted(sizes) == [
-        "client/kandinsky_client/components.py:MAX_IMAGE_SIZE",
-        "client/kandinsky_client/profiles.py:PROFILE_MIN_SIZE",
-        "client/kandinsky_client/profiles.py:PROFILE_OPT_SIZE",
-        "client/kandinsky_client/request.py:DEFAULT_IMAGE_SIDE",  # a request's default size, as diffusers'
+        "core/kandinsky_core/components.py:MAX_IMAGE_SIZE",
+        "core/kandinsky_core/profiles.py:PROFILE_MIN_SIZE",
+        "core/kandinsky_core/profiles.py:PROFILE_OPT_SIZE",
+        "core/kandinsky_core/request.py:DEFAULT_IMAGE_SIDE",  # a request's default size, as diffusers'
     ]
 
 
 def test_the_generator_modules_do_not_import_each_other() -> None:
-    """`generate.py` and `gpu_backends.py` imported each other (inside functions, to dodge the cycle)."""
+    """The repository writer and the GPU flavour modules imported each other (inside functions, to dodge
+    the cycle): the flavours import the shared building blocks (configs.py), never the writer. The
+    package-level rules (no import of the exporter here) are tests/test_layout.py's."""
 
     def imports(path: Path) -> set[str]:
         found = set()
@@ -196,19 +198,11 @@ def test_the_generator_modules_do_not_import_each_other() -> None:
                 found.update(alias.name for alias in node.names)
         return found
 
-    package = ROOT / "model_repository" / "kandinsky_repository"
-    gpu = set().union(
-        *(
-            imports(package / name)
-            for name in ("gpu_backends.py", "onnxruntime_flavour.py", "tensorrt_flavour.py")
-        )
-    )
-    assert ".generate" not in gpu and "kandinsky_repository.generate" not in gpu
-    # the profile logic lives next to the registry: the generator needs no export module but the layout
-    assert not {m for m in gpu | imports(package / "generate.py") if m.startswith("kandinsky_export.")} - {
-        "kandinsky_export.bundle"
-    }
-    assert ".gpu_backends" in imports(package / "generate.py")
+    generator = ROOT / "model_repository" / "kandinsky_repository" / "generator"
+    flavours = ("gpu_backends.py", "onnxruntime_flavour.py", "tensorrt_flavour.py", "timed_flavour.py")
+    gpu = set().union(*(imports(generator / name) for name in flavours))
+    assert ".repository" not in gpu and "kandinsky_repository.generator.repository" not in gpu
+    assert ".gpu_backends" in imports(generator / "repository.py")
 
 
 def test_the_profile_and_bundle_modules_are_pure_python() -> None:
@@ -217,7 +211,7 @@ def test_the_profile_and_bundle_modules_are_pure_python() -> None:
         "import sys\n"
         "for heavy in ('torch', 'tensorrt', 'onnx', 'onnxruntime', 'diffusers', 'transformers'):\n"
         "    sys.modules[heavy] = None\n"
-        "import kandinsky_client.profiles, kandinsky_export.bundle, kandinsky_repository.generate\n"
+        "import kandinsky_core.profiles, kandinsky_core.bundle, kandinsky_repository.generator.repository\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kandinsky_client.components import INPAINT_MOVQ_COMPONENTS
-from kandinsky_client.server_info import INPAINT_MOVQ_PARAMETER
+from kandinsky_core.components import INPAINT_MOVQ_COMPONENTS
+from kandinsky_core.processing import load_tokenizer, tokenize
+from kandinsky_core.server_info import INPAINT_MOVQ_PARAMETER
 from kandinsky_export.checkpoint import Checkpoint
 from kandinsky_export.inpaint_movq import InpaintMovqMismatch, movq_record, own_movq_components
 from kandinsky_export.onnx_export import export_tokenizer
 from kandinsky_export.released_layout import write_released_tokenizer
-from kandinsky_repository.python_models.tokenizer import load_tokenizer, tokenize
 from safetensors.torch import load_file, save_file
 
 PRIOR_REPO = "kandinsky-community/kandinsky-2-2-prior"
@@ -209,8 +209,8 @@ def test_identical_inpaint_movq_is_shared_and_recorded(tiny_bundle):
 
 
 def test_identical_inpaint_movq_serves_no_extra_models(tiny_repository):
-    from kandinsky_client.components import DECODE_IMAGE_INPAINT, ENCODE_LATENTS_INPAINT
-    from kandinsky_repository.generate import read_config
+    from kandinsky_core.components import DECODE_IMAGE_INPAINT, ENCODE_LATENTS_INPAINT
+    from kandinsky_repository.generator.repository import read_config
 
     for name in (*INPAINT_MOVQ_COMPONENTS, DECODE_IMAGE_INPAINT.name, ENCODE_LATENTS_INPAINT.name):
         assert not (tiny_repository / name).exists(), name

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from kandinsky_core.processing import load_tokenizer, tokenize
 from kandinsky_export.presets import PRESETS
-from kandinsky_repository.python_models.tokenizer import load_tokenizer, tokenize
 
 
 def test_preset_loads_with_the_diffusers_pipelines(tiny_checkpoint_root):

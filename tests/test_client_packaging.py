@@ -27,4 +27,6 @@ def test_client_modules_do_not_import_torch():
 def test_client_declares_only_light_dependencies():
     project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     names = {d.split("[")[0].split(">")[0].split("=")[0].strip().lower() for d in project["dependencies"]}
-    assert names <= {"numpy", "pillow", "tritonclient", "tqdm"}, names
+    assert names <= {"kandinsky22-core", "numpy", "pillow", "tritonclient", "tqdm"}, names
+    core = tomllib.loads((ROOT / "core" / "pyproject.toml").read_text())["project"]
+    assert {d.split(">")[0].strip().lower() for d in core["dependencies"]} <= {"numpy", "pillow"}

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kandinsky_client.errors import InvalidRequest
-from kandinsky_client.noise import ReplayNoise
-from kandinsky_client.request import CONTROLNET, CONTROLNET_IMAGE_TO_IMAGE, GenerationRequest
-from kandinsky_client.validation import check_request
+from kandinsky_core.errors import InvalidRequest
+from kandinsky_core.noise import ReplayNoise
+from kandinsky_core.request import CONTROLNET, CONTROLNET_IMAGE_TO_IMAGE, GenerationRequest
+from kandinsky_core.validation import check_request
 from PIL import Image
 
 from . import reference

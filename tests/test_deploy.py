@@ -234,9 +234,9 @@ def test_the_gateway_is_the_entry_point_and_balances_over_the_headless_service(d
 def test_the_chart_arguments_are_accepted_by_kandinsky_serve_and_kandinsky_gateway(
     default, tiny_repository, tmp_path, nginx_with_njs
 ):
-    from kandinsky_repository.gateway import find_nginx
-    from kandinsky_repository.gateway import main as gateway_main
-    from kandinsky_repository.server import _parser as serve_parser
+    from kandinsky_repository.gateway.nginx import find_nginx
+    from kandinsky_repository.gateway.nginx import main as gateway_main
+    from kandinsky_repository.serving.server import _parser as serve_parser
 
     triton_args = container(find(default, "Deployment", "-triton"))["args"]
     parsed = serve_parser().parse_args(["--repository", "r", *triton_args])

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from kandinsky_client.components import COMPONENTS
-from kandinsky_export.bundle import onnx_digest
+from kandinsky_core.bundle import onnx_digest
+from kandinsky_core.components import COMPONENTS
 from kandinsky_export.fp16 import (
     FP16_DIR,
     FP16_MAX,
@@ -199,7 +199,7 @@ def test_layer_norm_over_channels_is_not_scaled_by_the_image(tiny_bundle, tmp_pa
 
 def test_overflow_falls_back_to_fp32(tiny_bundle, tmp_path: Path) -> None:
     """Activations beyond FP16's range: every block list fails (Inf/NaN), the component stays FP32."""
-    from kandinsky_repository.onnxruntime_flavour import select_variant
+    from kandinsky_repository.generator.onnxruntime_flavour import select_variant
 
     bundle = _scaled_movq_decoder(tiny_bundle[0], tmp_path / "bundle", 1e6)
     (result,) = convert_bundle(bundle, ["movq_decoder"], check_size=CHECK_SIZE)
@@ -236,7 +236,7 @@ def _run_exposing(model: onnx.ModelProto, names: list[str], inputs: dict) -> lis
 
 def test_timestep_embedding_stays_fp32(fp16_bundle) -> None:
     """sin(t * f) with t near 1000 loses ~0.2 in FP16; the converted UNet computes it in FP32."""
-    from kandinsky_client.components import ModelDims
+    from kandinsky_core.components import ModelDims
     from kandinsky_export.fp16 import convert_to_fp16, sinusoid_nodes
     from kandinsky_export.modules import sample_inputs
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -271,10 +271,10 @@ def test_large_models_go_through_external_data(tiny_bundle, tmp_path: Path, monk
     the onnxruntime flavour, which must place both files next to each other.
     """
     import kandinsky_export.fp16 as fp16_module
-    from kandinsky_client.components import ModelDims
+    from kandinsky_core.components import ModelDims
     from kandinsky_export.modules import sample_inputs
     from kandinsky_export.onnx_export import onnx_session, run_session
-    from kandinsky_repository.generate import RepositoryOptions, generate_repository
+    from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
 
     monkeypatch.setattr(fp16_module, "EXTERNAL_DATA_THRESHOLD", 0)
     bundle = tmp_path / "bundle"
@@ -307,7 +307,7 @@ def test_the_check_runs_at_the_engines_optimum_on_a_real_run(
     """Issue 10, point 5: the FP16 check ran at 2-3x the size unit on N(0, 1) inputs. By default it now
     runs at the engine profile's optimum for the largest served size, on a recorded real run."""
     import kandinsky_export.fp16 as fp16_module
-    from kandinsky_client.profiles import ProfileSettings
+    from kandinsky_core.profiles import ProfileSettings
 
     class Recorded(Exception):
         pass
@@ -331,9 +331,9 @@ def test_the_check_runs_at_the_engines_optimum_on_a_real_run(
 def test_the_check_inputs_are_what_each_component_gets(tiny_bundle) -> None:
     """The recorded run feeds each network what the generation core feeds it: the MoVQ decoder gets the
     UNet loop's final latents (not N(0, 1) noise), the UNet every denoising step's latents."""
-    from kandinsky_client.generation import Generator
-    from kandinsky_client.request import GenerationRequest
-    from kandinsky_client.validation import check_request
+    from kandinsky_core.generation import Generator
+    from kandinsky_core.request import GenerationRequest
+    from kandinsky_core.validation import check_request
     from kandinsky_export import calibration
 
     bundle = tiny_bundle[0]

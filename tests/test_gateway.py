@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from kandinsky_client.pipeline import KandinskyClient
+from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions
 from kandinsky_repository.admin import AdminKey
-from kandinsky_repository.gateway import Gateway, GatewayOptions
-from kandinsky_repository.server import TritonServer
+from kandinsky_repository.serving.triton import TritonServer
 from tritonclient.utils import InferenceServerException
 
 from .conftest import TEST_ADMIN_KEY, free_port
@@ -370,8 +370,8 @@ def test_body_cap(nginx_with_njs, triton_server, tiny_repository):
 
 def test_gateway_command_renders_its_config(nginx_with_njs, tiny_repository, tmp_path, monkeypatch):
     """`kandinsky-gateway --write-config` (other deployments reuse it); limits computed from the registry."""
-    from kandinsky_repository.gateway import main as gateway_main
-    from kandinsky_repository.gateway_limits import read_configs, request_limits
+    from kandinsky_repository.gateway.limits import read_configs, request_limits
+    from kandinsky_repository.gateway.nginx import main as gateway_main
 
     monkeypatch.setenv("KANDINSKY_GATEWAY_TOKEN", TOKEN)
     monkeypatch.setenv("KANDINSKY_ADMIN_KEY", TEST_ADMIN_KEY)
@@ -383,7 +383,7 @@ def test_gateway_command_renders_its_config(nginx_with_njs, tiny_repository, tmp
     assert TOKEN in conf and (out / "nginx.conf").stat().st_mode & 0o077 == 0, "secrets: owner-only file"
     limits = request_limits(tiny_repository)
     assert f"client_max_body_size {limits.max_body_bytes};" in conf
-    from kandinsky_client.components import MAX_INPUT_IMAGE_SIDE, PREPROCESS_CLIP_IMAGE, UNET_CONTROLNET
+    from kandinsky_core.components import MAX_INPUT_IMAGE_SIDE, PREPROCESS_CLIP_IMAGE, UNET_CONTROLNET
 
     clip_batch = PREPROCESS_CLIP_IMAGE.max_batch_size * MAX_INPUT_IMAGE_SIDE**2 * 3
     assert limits.max_body_bytes >= clip_batch, "a full batch of MAX_INPUT_IMAGE_SIDE images for CLIP fits"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kandinsky_client.request import GenerationRequest
+from kandinsky_core.request import GenerationRequest
 
 from .test_server_generation import MODE_CASES
 

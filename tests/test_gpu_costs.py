@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kandinsky_client.components import COMPONENTS, ModelDims
-from kandinsky_repository import gpu_costs
-from kandinsky_repository.gpu_costs import (
+from kandinsky_core import gpu_costs
+from kandinsky_core.components import COMPONENTS, ModelDims
+from kandinsky_core.gpu_costs import (
     GPUS,
     NO_GPU,
     calibrated_efficiencies,
@@ -162,7 +162,7 @@ def test_cost_model_and_timed_model_import_without_torch():
     import subprocess
 
     code = (
-        "import sys, kandinsky_repository.gpu_costs, kandinsky_repository.python_models.timed\n"
+        "import sys, kandinsky_core.gpu_costs, kandinsky_repository.python_models.timed\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -348,7 +348,7 @@ class Repository:
     def model(self, component: str, record: dict[str, Any], *, lock: str | None = "gpu.lock") -> Any:
         """A TimedNetwork initialised as Triton does, from a config the way the generator builds it."""
         from google.protobuf.json_format import MessageToDict
-        from kandinsky_repository.configs import base_config, set_parameters
+        from kandinsky_repository.generator.configs import base_config, set_parameters
         from kandinsky_repository.python_models.timed import TimedNetwork
 
         config = base_config(COMPONENTS[component], TINY_DIMS)
@@ -469,7 +469,7 @@ def test_cancelled_requests_are_answered_without_gpu_time(repository):
 
 def test_spatial_limits_are_checked_on_shapes(repository, pb_utils):
     from google.protobuf.json_format import MessageToDict
-    from kandinsky_repository.configs import base_config, set_parameters
+    from kandinsky_repository.generator.configs import base_config, set_parameters
     from kandinsky_repository.python_models.timed import TimedNetwork
 
     config = base_config(COMPONENTS["unet"], TINY_DIMS)

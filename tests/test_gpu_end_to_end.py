@@ -35,7 +35,7 @@ def _why_not(flavour: str) -> str:
     if _gpu() is None:
         return "no NVIDIA GPU visible to nvidia-smi or torch.cuda"
     try:
-        from kandinsky_repository.server import find_triton
+        from kandinsky_repository.serving.triton import find_triton
 
         install = find_triton()
     except RuntimeError as error:
@@ -77,9 +77,9 @@ def test_the_gpu_flavour_serves_what_the_cpu_flavour_serves_on_both_loops(
         pytest.skip(why_not)
     from kandinsky_client.pipeline import KandinskyClient
     from kandinsky_export.fp16 import FP16_TOLERANCE
-    from kandinsky_repository.configs import read_config
-    from kandinsky_repository.generate import RepositoryOptions, generate_repository
-    from kandinsky_repository.server import TritonServer, free_port
+    from kandinsky_repository.generator.configs import read_config
+    from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
+    from kandinsky_repository.serving.triton import TritonServer, free_port
 
     bundle = tmp_path / "bundle"
     shutil.copytree(fp16_bundle, bundle)

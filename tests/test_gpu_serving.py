@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from kandinsky_client.request import TEXT_TO_IMAGE, GenerationRequest
-from kandinsky_client.wire import MODEL_NAME, ResponseOptions, decode_images, request_inputs
-from kandinsky_repository.configs import read_config
+from kandinsky_core.request import TEXT_TO_IMAGE, GenerationRequest
+from kandinsky_core.wire import MODEL_NAME, ResponseOptions, decode_images, request_inputs
+from kandinsky_repository.generator.configs import read_config
 
 from . import fake_pb_utils
 
@@ -88,7 +88,7 @@ class _GpuServer(fake_pb_utils.GpuServerBls):
 
 def _generation_model(repository: Path, bls: _GpuServer, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The repository's `kandinsky` model class, initialised as Triton does, importing `bls` as pb_utils."""
-    from kandinsky_repository.python_models.generation import KandinskyGeneration
+    from kandinsky_repository.python_models.kandinsky_model import KandinskyGeneration
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", bls)
     config = json_format.MessageToDict(read_config(repository / MODEL_NAME), preserving_proto_field_name=True)
@@ -136,10 +136,10 @@ def test_the_server_loop_reads_bls_outputs_that_a_gpu_callee_leaves_in_gpu_memor
 def test_the_timed_flavour_serves_both_loops_at_the_modelled_step_times(tiny_bundle, tmp_path: Path) -> None:
     """The tensorrt flavour's configuration on this CPU, each network sleeping its modelled H100 time:
     both loops generate, and every UNet execution took at least the modelled time of its batch."""
-    from kandinsky_client.components import COMPONENTS
     from kandinsky_client.pipeline import KandinskyClient
-    from kandinsky_repository.generate import RepositoryOptions, generate_repository
-    from kandinsky_repository.gpu_costs import modelled_seconds
+    from kandinsky_core.components import COMPONENTS
+    from kandinsky_core.gpu_costs import modelled_seconds
+    from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
 
     from .conftest import local_triton_server
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from kandinsky_client import components as registry
+from kandinsky_core import components as registry
 from kandinsky_repository.admin import AdminKey
-from kandinsky_repository.health import deep_readiness
-from kandinsky_repository.server import TritonServer
-from kandinsky_repository.stubs import stub_processes
+from kandinsky_repository.serving.health import deep_readiness
+from kandinsky_repository.serving.stubs import stub_processes
+from kandinsky_repository.serving.triton import TritonServer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from .conftest import TEST_ADMIN_KEY, free_port

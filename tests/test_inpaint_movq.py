@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kandinsky_client import components as registry
-from kandinsky_client.noise import ReplayNoise
-from kandinsky_client.request import INPAINT, OUTPAINT, TEXT_TO_IMAGE
+from kandinsky_core import components as registry
+from kandinsky_core.noise import ReplayNoise
+from kandinsky_core.request import INPAINT, OUTPAINT, TEXT_TO_IMAGE
 
 from . import reference
 from .conftest import local_triton_server
@@ -35,7 +35,7 @@ def own_movq_root(tiny_checkpoint_root: Path, tmp_path_factory: pytest.TempPathF
     """The tiny checkpoint (without its ControlNet) whose decoder_inpaint/movq has its own random weights."""
     import torch
     from diffusers import VQModel
-    from kandinsky_export.presets import randomize_untrained_parameters
+    from kandinsky_export.random_weights import randomize_untrained_parameters
 
     root = tmp_path_factory.mktemp("own-movq") / "checkpoint"
     shutil.copytree(tiny_checkpoint_root, root, ignore=shutil.ignore_patterns("controlnet"))
@@ -63,7 +63,7 @@ def own_movq_bundle(own_movq_root: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def own_movq_repository(own_movq_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kandinsky_repository.generate import generate_repository
+    from kandinsky_repository.generator.repository import generate_repository
 
     repository = tmp_path_factory.mktemp("own-movq-repo") / "model_repository"
     generate_repository(own_movq_bundle, repository)
@@ -143,8 +143,8 @@ def test_inpaint_with_its_own_movq_matches_diffusers(own_movq_client, own_movq_p
 
 def test_the_onnxruntime_flavour_serves_the_own_movq_too(own_movq_bundle: Path, tmp_path: Path) -> None:
     """The GPU flavours take the `movq_*_inpaint` components from the registry like every other network."""
-    from kandinsky_client.server_info import INPAINT_MOVQ_PARAMETER
-    from kandinsky_repository.generate import RepositoryOptions, generate_repository, read_config
+    from kandinsky_core.server_info import INPAINT_MOVQ_PARAMETER
+    from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository, read_config
 
     repository = tmp_path / "model_repository"
     generate_repository(own_movq_bundle, repository, RepositoryOptions(flavour="onnxruntime"))

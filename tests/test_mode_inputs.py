@@ -13,9 +13,9 @@ import warnings
 
 import numpy as np
 import pytest
-from kandinsky_client import components as registry
-from kandinsky_client.errors import InferenceFailed, InvalidRequest
-from kandinsky_client.images import (
+from kandinsky_core import components as registry
+from kandinsky_core.errors import InferenceFailed, InvalidRequest
+from kandinsky_core.images import (
     grow_repaint_region,
     latent_keep_mask,
     load_image,
@@ -25,7 +25,7 @@ from kandinsky_client.images import (
     resize_for_movq,
     rgb_array,
 )
-from kandinsky_repository.python_models.preprocess import (
+from kandinsky_core.processing import (
     ClipPreprocessing,
     clip_preprocess,
     movq_preprocess,

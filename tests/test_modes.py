@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kandinsky_client.noise import ReplayNoise
+from kandinsky_core.noise import ReplayNoise
 from PIL import Image
 
 from . import reference

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from kandinsky_client.components import COMPONENTS, INPAINT_MOVQ_COMPONENTS
+from kandinsky_core.components import COMPONENTS, INPAINT_MOVQ_COMPONENTS
 from kandinsky_export.modules import build_wrapper, sample_inputs
 from kandinsky_export.onnx_export import (
     FP32_TOLERANCE,

@@ -29,17 +29,17 @@ from pathlib import Path
 
 import onnx
 import pytest
-from kandinsky_client.components import COMPONENTS, ModelDims
-from kandinsky_client.profiles import ProfileSettings, has_spatial_axes
-from kandinsky_export.bundle import FP16_CUDA_DIR, FP16_DIR, onnx_digest
+from kandinsky_core.bundle import FP16_CUDA_DIR, FP16_DIR, onnx_digest
+from kandinsky_core.components import COMPONENTS, ModelDims
+from kandinsky_core.profiles import ProfileSettings, has_spatial_axes
 from kandinsky_export.fp16 import convert_bundle
-from kandinsky_repository.generate import RepositoryOptions, generate_repository, read_config
-from kandinsky_repository.onnxruntime_flavour import (
+from kandinsky_repository.generator.onnxruntime_flavour import (
     CONV_ALGO_SEARCH,
     CUDNN_CONV_ALGO_SEARCH,
     ONNX_SOURCE_PARAMETER,
     select_variant,
 )
+from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository, read_config
 
 from .test_docker import ENTRYPOINT, STUBS
 
@@ -199,7 +199,7 @@ def test_every_network_model_is_warmed_up_at_the_shapes_the_traffic_sends(
 ) -> None:
     """Item 5: one warm-up, at 768 px and one image's rows: the first request at 512 or 1024 px, and the
     first batched step of concurrent generations, paid the memory growth and the cuDNN set-up."""
-    from kandinsky_client.profiles import input_shapes
+    from kandinsky_core.profiles import input_shapes
 
     dims = ModelDims.from_dict(json.loads((fused_bundle / "manifest.json").read_text())["dims"])
     optima = ProfileSettings.for_max_size().profile_optima()
@@ -341,7 +341,7 @@ def test_the_cuda_fused_variant_is_recorded_next_to_the_portable_one(
 
 
 def test_the_accelerated_models_and_their_cache_folders(ort_repositories: dict[str, Path]) -> None:
-    from kandinsky_repository.ort_trt_cache import accelerated_models, cache_state
+    from kandinsky_repository.serving.ort_trt_cache import accelerated_models, cache_state
 
     repository = ort_repositories["tensorrt"]
     models = accelerated_models(repository)
@@ -369,8 +369,8 @@ def test_the_cache_build_loads_the_accelerated_models_once_with_no_time_limit(
     backend only) cannot load: the python-backend tokenizer is declared the one accelerated model. The
     build is real: a Triton on loopback that loads only it (explicit model control), waited for without
     a time limit, stopped, and the record written."""
-    from kandinsky_repository import ort_trt_cache
-    from kandinsky_repository.server import TritonServer
+    from kandinsky_repository.serving import ort_trt_cache
+    from kandinsky_repository.serving.triton import TritonServer
 
     folder = tmp_path / "cache" / "tokenizer"
     monkeypatch.setattr(ort_trt_cache, "accelerated_models", lambda repository: {"tokenizer": folder})
@@ -406,7 +406,7 @@ def test_the_cache_build_loads_the_accelerated_models_once_with_no_time_limit(
 def test_a_failed_cache_build_ends_the_wait_with_tritons_log_and_records_nothing(
     cpu_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kandinsky_repository import ort_trt_cache
+    from kandinsky_repository.serving import ort_trt_cache
 
     monkeypatch.setattr(
         ort_trt_cache, "accelerated_models", lambda repository: {"no_such_model": tmp_path / "cache" / "x"}
@@ -426,7 +426,7 @@ def restore_signals():
 
 
 def _serve_args(repository: Path) -> list[str]:
-    from kandinsky_repository.server import free_port
+    from kandinsky_repository.serving.triton import free_port
 
     return [
         "--repository",
@@ -448,8 +448,8 @@ def test_serving_an_unbuilt_cache_it_cannot_write_stops_with_what_to_run(
     """Item 4 (Helm: the replicas mount the volume read-only): a start on an unbuilt cache made ONNX
     Runtime build every engine in memory, past the 300 s ready timeout, at every start and restart.
     Read-only is simulated (the tests run as root, for whom permissions do not stop a write)."""
-    from kandinsky_repository import server
-    from kandinsky_repository.ort_trt_cache import CacheState
+    from kandinsky_repository.serving import server
+    from kandinsky_repository.serving.ort_trt_cache import CacheState
 
     monkeypatch.setattr(CacheState, "writable", lambda self: False)
     monkeypatch.setattr(server.TritonServer, "start", lambda self: pytest.fail("Triton was started"))
@@ -463,9 +463,9 @@ def test_serving_builds_an_unbuilt_writable_cache_first_without_the_ready_timeou
 ) -> None:
     """Item 4 (Docker: the volume is writable): the build runs before the supervised start, with no
     time limit; the start keeps its ready timeout. With the record present, nothing is built."""
-    from kandinsky_repository import ort_trt_cache, server
+    from kandinsky_repository.serving import ort_trt_cache, server
+    from kandinsky_repository.serving.supervisor import Supervisor
     from kandinsky_repository.settings import DEFAULTS
-    from kandinsky_repository.supervisor import Supervisor
 
     repository = tmp_path / "model_repository"
     shutil.copytree(ort_repositories["tensorrt"], repository)
@@ -742,7 +742,7 @@ PYTHONPATH="{site}" exec "{sys.executable}" "$@"
 
 def _ort_trt_triton() -> str:
     """Why the real engine-cache build cannot run here ('' when it can)."""
-    from kandinsky_repository.server import find_triton
+    from kandinsky_repository.serving.triton import find_triton
 
     if shutil.which("nvidia-smi") is None:
         return "no NVIDIA GPU (no nvidia-smi)"
@@ -780,7 +780,7 @@ def test_the_cuda_fused_variant_on_the_gpu(fp16_bundle: Path, tmp_path: Path) ->
 def test_the_engine_cache_is_built_once_and_then_only_read(fp16_bundle: Path, tmp_path: Path) -> None:
     """The real build: Triton's onnxruntime backend with ONNX Runtime's TensorRT provider writes engines
     into every model's cache folder; a second load reads them (no new file, nothing rewritten)."""
-    from kandinsky_repository.ort_trt_cache import build_cache, cache_state
+    from kandinsky_repository.serving.ort_trt_cache import build_cache, cache_state
 
     repository = tmp_path / "model_repository"
     generate_repository(fp16_bundle, repository, RepositoryOptions(flavour="onnxruntime", ort_tensorrt=True))

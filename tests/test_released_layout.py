@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kandinsky_client.components import SERVED_MODELS
-from kandinsky_client.noise import ReplayNoise
+from kandinsky_core.components import SERVED_MODELS
+from kandinsky_core.noise import ReplayNoise
 from kandinsky_export.released_layout import (
     BIN_NAMES,
     RELEASED,
@@ -62,7 +62,7 @@ def released_bundle(released_root: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def released_server(released_bundle, tmp_path_factory: pytest.TempPathFactory):
-    from kandinsky_repository.generate import generate_repository
+    from kandinsky_repository.generator.repository import generate_repository
 
     repository = tmp_path_factory.mktemp("tiny-released-repo") / "model_repository"
     generate_repository(released_bundle[0], repository)

@@ -14,24 +14,24 @@ from pathlib import Path
 
 import onnx
 import pytest
-from kandinsky_client.components import (
+from kandinsky_core.components import (
     COMPONENTS,
     DTYPES,
     INPAINT_MOVQ_COMPONENTS,
     SERVED_MODELS,
     ComponentSpec,
 )
-from kandinsky_client.profiles import has_spatial_axes
-from kandinsky_client.server_info import ServerInfo
-from kandinsky_client.wire import MODEL_NAME as GENERATION_MODEL
-from kandinsky_client.wire import input_specs
-from kandinsky_repository.generate import (
+from kandinsky_core.profiles import has_spatial_axes
+from kandinsky_core.server_info import ServerInfo
+from kandinsky_core.wire import MODEL_NAME as GENERATION_MODEL
+from kandinsky_core.wire import input_specs
+from kandinsky_repository.generator.kandinsky_model_config import decoded_parameters
+from kandinsky_repository.generator.repository import (
     RepositoryOptions,
     dtype_enum,
     generate_repository,
     read_config,
 )
-from kandinsky_repository.generation_config import decoded_parameters
 from tritonclient.grpc import model_config_pb2 as mc
 
 _ONNX_DTYPES = {d.onnx: d.name for d in DTYPES.values()}
@@ -187,7 +187,7 @@ def _check_against_onnx(
 
 def _check_by_running(config: mc.ModelConfig, onnx_path: Path, bundle: Path, batch: int, size: int) -> None:
     """Run the graph (ONNX Runtime, CPU) at one size: every output matches the config's fixed dims."""
-    from kandinsky_client.components import ModelDims
+    from kandinsky_core.components import ModelDims
     from kandinsky_export.modules import sample_inputs
     from kandinsky_export.onnx_export import onnx_session, run_session
 
@@ -511,7 +511,7 @@ def test_every_flavour_publishes_the_sizes_it_serves(
 
 
 def test_a_repository_of_another_format_is_refused_by_the_client(repositories: dict) -> None:
-    from kandinsky_client.server_info import REPOSITORY_FORMAT, IncompatibleServer
+    from kandinsky_core.server_info import REPOSITORY_FORMAT, IncompatibleServer
 
     parameters = {
         name: decoded_parameters(read_config(repositories["cpu"] / name)) for name in ("unet", "prior")
@@ -552,7 +552,7 @@ def test_the_ort_tensorrt_cache_lives_outside_the_regenerated_repository(
 
 
 def test_the_repository_records_its_format_and_the_shared_memory_it_needs(repositories: dict) -> None:
-    from kandinsky_repository.generate import REPOSITORY_RECORD
+    from kandinsky_repository.generator.repository import REPOSITORY_RECORD
 
     for flavour, repository in repositories.items():
         record = json.loads((repository / REPOSITORY_RECORD).read_text())
@@ -647,8 +647,8 @@ def test_the_timed_flavour_is_the_tensorrt_configuration(gpu_bundle: Path, tmp_p
     """The timed flavour must measure what the tensorrt flavour would serve: same batching, warm-ups,
     CUDA graphs, instance count and sizes, from engines built with `kandinsky-export engines`' defaults;
     only the backend differs (a python model sleeping its modelled time, on CPU instances)."""
-    from kandinsky_repository.gpu_costs import cost_record
-    from kandinsky_repository.timed_flavour import ENTRY_POINT, GPU_LOCK_FILE
+    from kandinsky_core.gpu_costs import cost_record
+    from kandinsky_repository.generator.timed_flavour import ENTRY_POINT, GPU_LOCK_FILE
 
     engines = _placeholder_engines(gpu_bundle, tmp_path / "engines", {})
     tensorrt = _generate(engines, tmp_path / "tensorrt", flavour="tensorrt", instances=2)
@@ -685,7 +685,7 @@ def test_the_shared_memory_estimate_counts_every_concurrent_generation(
 ) -> None:
     """Each running server-side generation holds its decoded images in the `kandinsky` stub's region at
     the same time; the estimate counted one generation whatever max_concurrent_generations said."""
-    from kandinsky_repository.generate import REPOSITORY_RECORD
+    from kandinsky_repository.generator.repository import REPOSITORY_RECORD
 
     def needed(concurrent: int) -> int:
         repository = _generate(gpu_bundle, tmp_path / str(concurrent), max_concurrent_generations=concurrent)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from kandinsky_client.errors import (
+from kandinsky_client.retry import NO_RETRY, RetryPolicy, with_retries
+from kandinsky_core.errors import (
     InferenceFailed,
     InvalidRequest,
     RequestTimeout,
@@ -11,7 +12,6 @@ from kandinsky_client.errors import (
     ServerUnavailable,
     error_from_message,
 )
-from kandinsky_client.retry import NO_RETRY, RetryPolicy, with_retries
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.001, max_backoff_s=0.002)
 

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kandinsky_client.errors import InvalidRequest
-from kandinsky_client.noise import ReplayNoise
+from kandinsky_core.errors import InvalidRequest
+from kandinsky_core.noise import ReplayNoise
 
 from . import reference
 from .reference import mask, picture, swapped_scheduler

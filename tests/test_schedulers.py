@@ -34,14 +34,14 @@ from diffusers.schedulers import (
 from kandinsky_export.presets import DECODER_SCHEDULER as PRESET_DECODER_CONFIG
 
 try:
-    from kandinsky_client import schedulers as ks
-    from kandinsky_client.errors import InvalidRequest
-    from kandinsky_client.noise import ReplayNoise
+    from kandinsky_core import schedulers as ks
+    from kandinsky_core.errors import InvalidRequest
+    from kandinsky_core.noise import ReplayNoise
 except ImportError:  # the client package is not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
-    from kandinsky_client import schedulers as ks
-    from kandinsky_client.errors import InvalidRequest
-    from kandinsky_client.noise import ReplayNoise
+    from kandinsky_core import schedulers as ks
+    from kandinsky_core.errors import InvalidRequest
+    from kandinsky_core.noise import ReplayNoise
 
 CLIENT_DIR = Path(ks.__file__).resolve().parents[2]
 
@@ -513,7 +513,7 @@ def test_timestep_outside_schedule():
 
 def test_importing_schedulers_does_not_import_torch():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_DIR), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, kandinsky_client.schedulers; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, kandinsky_core.schedulers; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -1289,7 +1289,7 @@ def test_a_scheduler_serves_one_loop():
 
 
 def test_client_package_lists_the_schedulers_subpackage():
-    """A wheel of the client must ship kandinsky_client.schedulers (setuptools lists packages)."""
+    """A wheel of the client must ship kandinsky_core.schedulers (setuptools lists packages)."""
     project = tomllib.loads((CLIENT_DIR / "pyproject.toml").read_text())
     packages = project["tool"]["setuptools"]["packages"]
     on_disk = {

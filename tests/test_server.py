@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from kandinsky_client.errors import ModelNotReady
 from kandinsky_client.pipeline import KandinskyClient
-from kandinsky_repository.server import TritonServer, repository_models
+from kandinsky_core.errors import ModelNotReady
+from kandinsky_repository.serving.triton import TritonServer, repository_models
 
 from .conftest import free_port
 
@@ -41,7 +41,7 @@ def test_serve_command_stops_cleanly_on_sigterm(tiny_repository, tmp_path):
         [
             sys.executable,
             "-m",
-            "kandinsky_repository.server",
+            "kandinsky_repository.serving.server",
             "--repository",
             str(tiny_repository),
             "--http-port",

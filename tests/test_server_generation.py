@@ -23,14 +23,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-from kandinsky_client.errors import InvalidRequest, RequestTimeout, ServerBusy
 from kandinsky_client.pipeline import KandinskyClient
-from kandinsky_client.request import GenerationRequest
 from kandinsky_client.retry import NO_RETRY, RetryPolicy
-from kandinsky_client.validation import check_request
-from kandinsky_client.wire import MODEL_NAME, ResponseOptions, request_inputs
-from kandinsky_repository.generate import RepositoryOptions, generate_repository
-from kandinsky_repository.server import TritonServer
+from kandinsky_core.errors import InvalidRequest, RequestTimeout, ServerBusy
+from kandinsky_core.request import GenerationRequest
+from kandinsky_core.validation import check_request
+from kandinsky_core.wire import MODEL_NAME, ResponseOptions, request_inputs
+from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
+from kandinsky_repository.serving.triton import TritonServer
 from PIL import Image
 
 from .conftest import free_port
@@ -173,7 +173,7 @@ def test_server_loop_equals_client_loop_for_every_mode(
 
 
 def _json_body(request: GenerationRequest) -> dict:
-    from kandinsky_client.wire import request_json
+    from kandinsky_core.wire import request_json
 
     return request_json(request, ResponseOptions())
 

@@ -4,16 +4,16 @@ server: the repository generator's parameters for the tiny bundle, read back thr
 from __future__ import annotations
 
 import pytest
-from kandinsky_client.errors import InvalidRequest
-from kandinsky_client.request import GenerationRequest
-from kandinsky_client.server_info import ServerInfo
-from kandinsky_client.validation import check_request
+from kandinsky_core.errors import InvalidRequest
+from kandinsky_core.request import GenerationRequest
+from kandinsky_core.server_info import ServerInfo
+from kandinsky_core.validation import check_request
 
 
 @pytest.fixture(scope="module")
 def info(tiny_repository) -> ServerInfo:
-    from kandinsky_repository.generate import read_config
-    from kandinsky_repository.generation_config import decoded_parameters
+    from kandinsky_repository.generator.kandinsky_model_config import decoded_parameters
+    from kandinsky_repository.generator.repository import read_config
 
     return ServerInfo.from_parameters(
         {

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from kandinsky_repository.server import TritonServer, default_log_file, free_port, log_tail
+from kandinsky_repository.serving.triton import TritonServer, default_log_file, free_port, log_tail
 
 BROKEN_MODEL = """
 raise ImportError("kandinsky-test: this model cannot load")

@@ -13,9 +13,9 @@ import urllib.error
 
 import pytest
 from kandinsky_client.pipeline import KandinskyClient
-from kandinsky_repository.health import main as health_main
+from kandinsky_repository.serving.health import main as health_main
+from kandinsky_repository.serving.stubs import SHM_DIR, group_alive, stub_processes
 from kandinsky_repository.settings import DEFAULTS
-from kandinsky_repository.stubs import SHM_DIR, group_alive, stub_processes
 
 from .conftest import TEST_ADMIN_KEY, free_port
 from .serving import generate_once, http, start_serve, wait_for

@@ -46,13 +46,13 @@ def bundle(tiny_bundle, tmp_path: Path) -> Path:
 
 
 def _settings():
-    from kandinsky_client.profiles import ProfileSettings
+    from kandinsky_core.profiles import ProfileSettings
 
     return ProfileSettings.for_max_size(256, min_size=128, opt_sizes=(128, 256))
 
 
 def test_build_several_profiles_check_them_and_decide_rebuilds(bundle: Path) -> None:
-    from kandinsky_client.components import COMPONENTS
+    from kandinsky_core.components import COMPONENTS
     from kandinsky_export.tensorrt_engine import ProfileSettings, build_engines
 
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -95,7 +95,7 @@ def test_build_several_profiles_check_them_and_decide_rebuilds(bundle: Path) -> 
 
 
 def test_the_runner_runs_each_profile_and_refuses_shapes_outside_it(bundle: Path) -> None:
-    from kandinsky_client.components import COMPONENTS, ModelDims
+    from kandinsky_core.components import COMPONENTS, ModelDims
     from kandinsky_export.calibration import check_inputs, record_run
     from kandinsky_export.engine_check import ENGINE_TOLERANCE
     from kandinsky_export.onnx_export import onnx_session, run_session

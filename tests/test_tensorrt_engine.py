@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from kandinsky_client.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, SERVED_MODELS, ModelDims
-from kandinsky_client.profiles import (
+from kandinsky_core.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, SERVED_MODELS, ModelDims
+from kandinsky_core.profiles import (
     ProfileSettings,
     engine_profile,
     is_spatially_static,

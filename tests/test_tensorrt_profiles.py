@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kandinsky_client.components import COMPONENTS, DTYPES, ModelDims
-from kandinsky_client.profiles import (
+from kandinsky_core.components import COMPONENTS, DTYPES, ModelDims
+from kandinsky_core.profiles import (
     PROFILE_OPT_SIZES,
     ProfileSettings,
     engine_profile,
@@ -87,7 +87,7 @@ def triton_profile_choice(
 
 
 def _shapes(spec, dims: ModelDims, batch: int, height: int, width: int) -> dict[str, list[int]]:
-    from kandinsky_client.profiles import input_shapes
+    from kandinsky_core.profiles import input_shapes
 
     return input_shapes(spec, dims, batch, height, width)
 
@@ -268,7 +268,7 @@ def engine_bundle(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def _generate(bundle: Path, out: Path, **options):
-    from kandinsky_repository.generate import RepositoryOptions, generate_repository
+    from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
 
     generate_repository(bundle, out, RepositoryOptions(flavour="tensorrt", **options))
     return out
@@ -279,8 +279,8 @@ def test_triton_lists_every_profile_warms_each_and_knows_their_memory(
 ) -> None:
     """Triton uses only the profiles `instance_group { profile: [...] }` lists (unlisted: profile 0
     alone, and a 1024 px request on it fails); each listed profile is one execution context."""
-    from kandinsky_repository.generate import read_config
-    from kandinsky_repository.generation_config import decoded_parameters
+    from kandinsky_repository.generator.kandinsky_model_config import decoded_parameters
+    from kandinsky_repository.generator.repository import read_config
 
     repository = _generate(engine_bundle, tmp_path / "repo", instances=2)
     unet = read_config(repository / "unet")

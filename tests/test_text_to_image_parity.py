@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kandinsky_client.noise import ReplayNoise
+from kandinsky_core.noise import ReplayNoise
 
 from .reference import assert_pixels_match, load_pipelines, text_to_image
 

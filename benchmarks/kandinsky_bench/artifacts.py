@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kandinsky_client.server_info import REPOSITORY_FORMAT
+from kandinsky_core.server_info import REPOSITORY_FORMAT
 
 if TYPE_CHECKING:
-    from kandinsky_repository.generate import RepositoryOptions
+    from kandinsky_repository.generator.repository import RepositoryOptions
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def ensure_artifacts(
     `repository_options` no repository is generated (the benchmark measures a server started elsewhere).
     """
     from kandinsky_export.presets import PRESETS, write_preset_checkpoint
-    from kandinsky_repository.generate import generate_repository
+    from kandinsky_repository.generator.repository import generate_repository
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def ensure_artifacts(
 def subcommand_artifacts(args: Any) -> Artifacts:
     """The preset's artifacts with the default repository, for `kandinsky-bench <subcommand>` (its
     `--preset` and `--artifacts`, from `served.add_subcommand_arguments`)."""
-    from kandinsky_repository.generate import RepositoryOptions
+    from kandinsky_repository.generator.repository import RepositoryOptions
 
     folder = args.artifacts or Path("artifacts") / args.preset
     return ensure_artifacts(

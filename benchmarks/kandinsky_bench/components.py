@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kandinsky_client.components import COMPONENTS, ComponentSpec
+from kandinsky_core.components import COMPONENTS, ComponentSpec
 
 from .stats import speedup, summarize
 from .timing import time_alternating

@@ -6,7 +6,7 @@ killed in the middle; generations attempted, completed, retried and lost, and th
 
 Topology: the one the Kubernetes chart (`deploy/`) runs, on loopback. `--replicas` Triton servers
 (`TritonServer`, each in its own process group, with a deep-health endpoint like kandinsky-serve's) and
-one gateway (`kandinsky_repository.gateway`, the same template and settings as `kandinsky-gateway`) listing
+one gateway (`kandinsky_repository.gateway.nginx`, the same template and settings as `kandinsky-gateway`) listing
 every replica in its upstreams, as it lists the ready pods of the headless Service in the cluster.
 
 For each loop, two runs of the same requests (same seeds): without a failure (the reference images and
@@ -66,7 +66,7 @@ class Replicas:
     """`count` Triton servers on loopback ports behind one gateway; `kill(i)` and `restart(i)` a replica."""
 
     def __init__(self, repository: Path, count: int, *, log_dir: Path | None = None, **gateway: Any) -> None:
-        from kandinsky_repository.server import TritonServer, free_port
+        from kandinsky_repository.serving.triton import TritonServer, free_port
 
         self.repository = Path(repository)
         self._own_logs = log_dir is None
@@ -98,15 +98,15 @@ class Replicas:
         return self.grpc_url if protocol == "grpc" else self.http_url
 
     def _readiness(self, index: int) -> Callable[[], Any]:
-        from kandinsky_repository.health import deep_readiness
+        from kandinsky_repository.serving.health import deep_readiness
 
         server = self.servers[index]
         return lambda: deep_readiness(server.http_url, self.repository, process_group=server.pid)
 
     def start(self) -> None:
-        from kandinsky_repository.gateway import Gateway, GatewayOptions
-        from kandinsky_repository.health import HealthServer
-        from kandinsky_repository.server import free_port
+        from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions
+        from kandinsky_repository.serving.health import HealthServer
+        from kandinsky_repository.serving.triton import free_port
 
         for server in self.servers:  # load in parallel
             server.start()
@@ -161,7 +161,7 @@ class Replicas:
 
     def kill(self, index: int) -> None:
         """SIGKILL the replica's process group (tritonserver and its stubs), as a lost pod."""
-        from kandinsky_repository.stubs import remove_shm_regions, wait_group_gone
+        from kandinsky_repository.serving.stubs import remove_shm_regions, wait_group_gone
 
         server = self.servers[index]
         pid = server.pid

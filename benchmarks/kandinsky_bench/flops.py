@@ -1,7 +1,7 @@
 """`kandinsky-bench flops`: the FLOP and weight counts behind `kandinsky_repository/gpu_costs.json`.
 
     kandinsky-bench flops                      # count, print the table (nothing written)
-    kandinsky-bench flops --output model_repository/kandinsky_repository/gpu_costs.json   # regenerate
+    kandinsky-bench flops --output core/kandinsky_core/gpu_costs.json   # regenerate
     kandinsky-bench flops --calibrate-only --output my_costs.json   # re-derive efficiencies, no torch work
 
 Instantiates the real diffusers/transformers classes from an architecture's configs on the meta device
@@ -248,7 +248,7 @@ def evaluate(coefficients: list[float], height: int, width: int) -> float:
 def preset_networks(preset_name: str) -> dict[str, Network]:
     """Every registry network of a preset, built and called exactly as it is exported."""
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
-    from kandinsky_client.components import COMPONENTS
+    from kandinsky_core.components import COMPONENTS
     from kandinsky_export.controlnet import controlnet_unet_config
     from kandinsky_export.modules import build_wrapper, sample_inputs
     from kandinsky_export.presets import PRESETS
@@ -291,7 +291,7 @@ def preset_networks(preset_name: str) -> dict[str, Network]:
 
 def preset_dims(preset_name: str) -> Any:
     """The `ModelDims` a preset's checkpoint has (as `Checkpoint.dims` reads them from its configs)."""
-    from kandinsky_client.components import ModelDims
+    from kandinsky_core.components import ModelDims
     from kandinsky_export.presets import PRESETS
 
     p = PRESETS[preset_name]
@@ -434,7 +434,7 @@ def update_costs(
     data: dict[str, Any], counted: Mapping[str, Mapping[str, Any]], command: str
 ) -> dict[str, Any]:
     """The data file with fresh counts, each run's counted FLOP and fraction of peak, and the efficiencies."""
-    from kandinsky_repository.gpu_costs import calibrated_efficiencies, run_flop, run_fraction_of_peak
+    from kandinsky_core.gpu_costs import calibrated_efficiencies, run_flop, run_fraction_of_peak
 
     data = json.loads(json.dumps(data))  # a deep copy
     for name, components in counted.items():
@@ -527,7 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kandinsky_repository.gpu_costs import load_costs
+    from kandinsky_core.gpu_costs import load_costs
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -73,10 +73,10 @@ def torch_device() -> str:
 
 def run_benchmark(plan: BenchmarkPlan) -> dict[str, Any]:
     """Every measurement the plan asks for, as one result dictionary (report.py writes it out)."""
-    from kandinsky_export.bundle import read_manifest
+    from kandinsky_core.bundle import read_manifest
     from kandinsky_export.checkpoint import Checkpoint
-    from kandinsky_repository.generate import RepositoryOptions
-    from kandinsky_repository.server import TritonServer, free_port
+    from kandinsky_repository.generator.repository import RepositoryOptions
+    from kandinsky_repository.serving.triton import TritonServer, free_port
 
     from .artifacts import ensure_artifacts
     from .baseline import DiffusersBaseline, run_baseline

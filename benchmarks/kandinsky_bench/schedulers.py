@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kandinsky_client.generation import DECODER_STAGE, scheduler_stage
-from kandinsky_client.schedulers.factory import DECODER_SCHEDULERS
+from kandinsky_core.generation import DECODER_STAGE, scheduler_stage
+from kandinsky_core.schedulers.factory import DECODER_SCHEDULERS
 from tqdm.auto import tqdm
 
 from .served import PROMPTS, add_subcommand_arguments, open_client, settled_delta, snapshot
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kandinsky_repository.server import TritonServer, free_port
+    from kandinsky_repository.serving.triton import TritonServer, free_port
 
     from .artifacts import subcommand_artifacts
     from .machine import machine_line

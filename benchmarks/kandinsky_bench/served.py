@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import SERVED_MODELS
 from kandinsky_client.pipeline import KandinskyClient
-from kandinsky_client.wire import MODEL_NAME as GENERATION_MODEL
+from kandinsky_core.components import SERVED_MODELS
+from kandinsky_core.wire import MODEL_NAME as GENERATION_MODEL
 from tqdm.auto import tqdm
 
 from .proxy import proxy_process

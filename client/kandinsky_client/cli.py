@@ -14,7 +14,7 @@
     kandinsky-client controlnet-img2img photo.png depth.png "a robot" --strength 0.5 --output robot.png
 
 Options are the request fields with dashes (`--num-inference-steps` is `num_inference_steps`); their
-defaults are the request's (see `kandinsky_client.request`). Input images may be any format Pillow reads;
+defaults are the request's (see `kandinsky_core.request`). Input images may be any format Pillow reads;
 they are converted to RGB (transparency onto white). Masks: white = repaint, black = keep, the image's
 size. In `fuse`, an item starting with "@" is an image file, any other item a prompt. ControlNet hints:
 a depth map (grayscale or RGB, bright = near) at the output size, which defaults to the hint's.
@@ -31,12 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from .errors import InvalidRequest, KandinskyClientError
-from .generation import Generation
-from .pipeline import LOOPS, KandinskyClient
-from .request import (
+from kandinsky_core.errors import InvalidRequest, KandinskyClientError
+from kandinsky_core.generation import Generation
+from kandinsky_core.request import (
     CONTROLNET,
     CONTROLNET_IMAGE_TO_IMAGE,
     EMB2EMB,
@@ -50,6 +47,9 @@ from .request import (
     field_specs,
     mode_fields,
 )
+from tqdm.auto import tqdm
+
+from .pipeline import LOOPS, KandinskyClient
 from .transport import DEFAULT_TIMEOUT_S, PROTOCOLS, check_timeout
 
 logger = logging.getLogger("kandinsky_client")

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InvalidRequest
-from .generation import Generation, Generator, StepCallback
-from .noise import NoiseSource
-from .remote import PreviewCallback, RemoteGenerator
-from .request import (
+from kandinsky_core.errors import InvalidRequest
+from kandinsky_core.generation import Generation, Generator, StepCallback
+from kandinsky_core.noise import NoiseSource
+from kandinsky_core.request import (
     CONTROLNET,
     CONTROLNET_IMAGE_TO_IMAGE,
     EMB2EMB,
@@ -31,11 +30,13 @@ from .request import (
     VARIATIONS,
     GenerationRequest,
 )
+from kandinsky_core.server_info import ServerInfo
+from kandinsky_core.validation import check_request
+from kandinsky_core.wire import MODEL_NAME
+
+from .remote import PreviewCallback, RemoteGenerator
 from .retry import NO_RETRY, RetryPolicy, with_retries
-from .server_info import ServerInfo
 from .transport import DEFAULT_TIMEOUT_S, TritonTransport
-from .validation import check_request
-from .wire import MODEL_NAME
 
 __all__ = ["LOOPS", "Generation", "GenerationRequest", "KandinskyClient", "ServerInfo"]
 

@@ -18,9 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
-from .errors import (
+from kandinsky_core.errors import (
     InvalidRequest,
     KandinskyClientError,
     RequestTimeout,
@@ -28,9 +26,9 @@ from .errors import (
     ServerUnavailable,
     error_from_message,
 )
-from .generation import Generation, StepCallback
-from .request import GenerationRequest
-from .wire import (
+from kandinsky_core.generation import Generation, StepCallback
+from kandinsky_core.request import GenerationRequest
+from kandinsky_core.wire import (
     FINAL_OUTPUT,
     MODEL_NAME,
     ResponseOptions,
@@ -40,6 +38,7 @@ from .wire import (
     request_json,
     scalar,
 )
+from PIL import Image
 
 # on_preview(stage, step, images): preview images the server sends every `preview_every` decoder steps.
 PreviewCallback = Callable[[str, int, list[Image.Image]], None]

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import KandinskyClientError
+from kandinsky_core.errors import KandinskyClientError
 
 logger = logging.getLogger("kandinsky_client")
 

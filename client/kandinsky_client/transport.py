@@ -16,10 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
-from .components import ModelSpec, model_inputs
-from .errors import (
+from kandinsky_core.components import ModelSpec, model_inputs
+from kandinsky_core.errors import (
     InvalidRequest,
     KandinskyClientError,
     ModelNotReady,
@@ -28,6 +26,8 @@ from .errors import (
     ServerUnavailable,
     error_from_message,
 )
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
 from .retry import RetryPolicy, with_retries
 
 PROTOCOLS = ("grpc", "http")

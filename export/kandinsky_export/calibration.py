@@ -2,7 +2,7 @@
 
 The FP16 check (`fp16.py`) must see the inputs a component really gets: a MoVQ decoder fed N(0, 1) noise
 instead of the UNet's denoised latents, or a UNet fed random latents at a size no one generates, says
-little about where FP16 overflows. This runs the generation core (`kandinsky_client.generation`, the
+little about where FP16 overflows. This runs the generation core (`kandinsky_core.generation`, the
 code the server runs) over ONNX Runtime sessions of the bundle's FP32 files and the served models'
 numpy pre/post-processing, at the size asked (the engines' optimum), and records every network call:
 
@@ -27,12 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kandinsky_client import components as registry
-from kandinsky_client.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, ModelDims, ModelSpec
-from kandinsky_client.generation import Generator
-from kandinsky_client.request import CONTROLNET, INPAINT, TEXT_TO_IMAGE, GenerationRequest
-from kandinsky_client.server_info import ServerInfo
-from kandinsky_client.validation import check_request
+from kandinsky_core import components as registry
+from kandinsky_core.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, ModelDims, ModelSpec
+from kandinsky_core.generation import Generator
+from kandinsky_core.processing import (
+    ClipPreprocessing,
+    clip_preprocess,
+    load_tokenizer,
+    movq_preprocess,
+    to_uint8_rgb,
+    tokenize,
+)
+from kandinsky_core.request import CONTROLNET, INPAINT, TEXT_TO_IMAGE, GenerationRequest
+from kandinsky_core.server_info import ServerInfo
+from kandinsky_core.validation import check_request
 from PIL import Image
 
 from . import bundle as layout
@@ -72,9 +80,6 @@ class BundleInfer:
     def __init__(
         self, bundle: Path, providers: Sequence[str] = ("CPUExecutionProvider",), precision: str = "fp32"
     ) -> None:
-        from kandinsky_repository.python_models.preprocess import ClipPreprocessing
-        from kandinsky_repository.python_models.tokenizer import load_tokenizer
-
         self.bundle = Path(bundle)
         self.providers = list(providers)
         self.precision = precision
@@ -101,15 +106,14 @@ class BundleInfer:
         return run_session(self.sessions[name], feed)
 
     def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from kandinsky_repository.python_models.postprocess import to_uint8_rgb
-        from kandinsky_repository.python_models.preprocess import clip_preprocess, movq_preprocess
-        from kandinsky_repository.python_models.tokenizer import decode_prompts, tokenize
-
         name = spec.name
         if name in COMPONENTS:
             return self.network(name, inputs)
         if name == registry.ENCODE_PROMPT.name:
-            tokens = tokenize(self.tokenizer, decode_prompts(np.asarray(inputs["prompt"], dtype=object)))
+            prompts = [
+                p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in np.ravel(inputs["prompt"])
+            ]
+            tokens = tokenize(self.tokenizer, prompts)
             return {**self.network("text_encoder", tokens), "attention_mask": tokens["attention_mask"]}
         if name == registry.PRIOR_POSTPROCESS.name:
             latents = np.asarray(inputs["latents"], np.float32)

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import ModelDims
+from kandinsky_core.components import ModelDims
 
 logger = logging.getLogger(__name__)
 

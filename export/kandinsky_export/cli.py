@@ -20,10 +20,10 @@ import logging
 import sys
 from pathlib import Path
 
-from kandinsky_client.components import MAX_IMAGE_SIZE
-from kandinsky_client.profiles import PROFILE_OPT_SIZES, PROFILE_SIZE_STEP, ProfileSettings
+from kandinsky_core.bundle import TIMING_CACHE
+from kandinsky_core.components import MAX_IMAGE_SIZE
+from kandinsky_core.profiles import PROFILE_OPT_SIZES, PROFILE_SIZE_STEP, ProfileSettings
 
-from .bundle import TIMING_CACHE
 from .checkpoint import Checkpoint
 from .fp16 import FP16_TOLERANCE, FUSION_SETS
 from .inpaint_movq import ALLOW_MISMATCH_FLAG

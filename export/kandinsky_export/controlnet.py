@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kandinsky_client.components import ModelDims
+from kandinsky_core.components import ModelDims
 
 from .checkpoint import Checkpoint
 
@@ -50,7 +50,7 @@ def write_controlnet_part(
     import diffusers
     from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
-    from .presets import randomize_untrained_parameters
+    from .random_weights import randomize_untrained_parameters
 
     folder = Path(root) / CONTROLNET_PART
     generator = torch.Generator().manual_seed(seed + _SEED_OFFSET)

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from kandinsky_client.components import COMPONENTS
+from kandinsky_core.bundle import ONNX_FILE
+from kandinsky_core.components import COMPONENTS
 
 from . import calibration
-from .bundle import ONNX_FILE
 from .fp16 import FP16_TOLERANCE
 from .onnx_export import compare_outputs, onnx_session, run_session
 

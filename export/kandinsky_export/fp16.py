@@ -62,14 +62,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from kandinsky_client.components import COMPONENTS, MAX_IMAGE_SIZE, ModelDims
-from kandinsky_client.profiles import ProfileSettings, has_spatial_axes
-from onnx import TensorProto, helper, numpy_helper
-from tqdm.auto import tqdm
-
-from . import bundle as layout
-from . import calibration
-from .bundle import (
+from kandinsky_core.bundle import (
     EXTERNAL_DATA_NAME,
     EXTERNAL_DATA_THRESHOLD,
     FP16_CUDA_DIR,
@@ -78,6 +71,13 @@ from .bundle import (
     onnx_digest,
     read_manifest,
 )
+from kandinsky_core.components import COMPONENTS, MAX_IMAGE_SIZE, ModelDims
+from kandinsky_core.profiles import ProfileSettings, has_spatial_axes
+from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
+
+from . import bundle as layout
+from . import calibration
 from .calibration import RecordedRun, record_run
 from .onnx_export import ParityReport, compare_outputs, onnx_session, run_session
 

@@ -25,7 +25,7 @@ import json
 import logging
 from typing import Any
 
-from kandinsky_client.components import INPAINT_MOVQ_COMPONENTS
+from kandinsky_core.components import INPAINT_MOVQ_COMPONENTS
 
 from .checkpoint import Checkpoint
 

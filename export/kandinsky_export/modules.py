@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from kandinsky_client.components import COMPONENTS, ComponentSpec, ModelDims
+from kandinsky_core.components import COMPONENTS, ComponentSpec, ModelDims
 
 
 class TextEncoder(torch.nn.Module):

@@ -6,7 +6,7 @@
 
 Profiles (batch 1 .. `max_batch_size`, optimum one image's rows; one profile per optimum in `opt_sizes`,
 each from `min_size` to a ceiling halfway to the next, or one static size) come from
-`kandinsky_client.profiles`, next to the registry, because the repository generator and the client need
+`kandinsky_core.profiles`, next to the registry, because the repository generator and the client need
 them too and must not import this package. Every profile becomes one execution context per Triton
 instance: after the build the sidecar records each profile's activation memory as TensorRT reports it
 (`activation_bytes`), which the repository generator turns into the memory one instance holds.
@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kandinsky_client.components import COMPONENTS, DTYPES, ModelDims
-from kandinsky_client.profiles import (
+from kandinsky_core.bundle import ENGINE_DIR, ENGINE_FILE, ONNX_FILE, TIMING_CACHE
+from kandinsky_core.components import COMPONENTS, DTYPES, ModelDims
+from kandinsky_core.profiles import (
     ProfileSettings,
     engine_profile,
     engine_profiles,
@@ -58,7 +59,6 @@ from kandinsky_client.profiles import (
 from tqdm.auto import tqdm
 
 from . import bundle as layout
-from .bundle import ENGINE_DIR, ENGINE_FILE, ONNX_FILE, TIMING_CACHE
 from .engine_check import ENGINE_TOLERANCE, EngineRunner, RecordedInputs, check_engine, worst_output
 
 logger = logging.getLogger(__name__)

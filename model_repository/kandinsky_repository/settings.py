@@ -4,7 +4,7 @@ The command-line options, the generated nginx configuration, the repository gene
 the Docker entrypoint (which passes no numbers) and the README's Security section all read these values;
 nothing else spells them. Size limits that depend on the served checkpoint (the gateway's body cap) are
 computed from the component registry in `gateway_limits.py`; the client-facing limits (image sides,
-prompt bytes, images per request) live in the registry (`kandinsky_client.components`).
+prompt bytes, images per request) live in the registry (`kandinsky_core.components`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kandinsky_client.components import DTYPES
+from kandinsky_core.components import DTYPES
 
 logger = logging.getLogger("kandinsky_repository")
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from kandinsky_client.components import MAX_IMAGE_SIZE
+from kandinsky_core.components import MAX_IMAGE_SIZE
+from kandinsky_core.processing import to_uint8_rgb
 
 from .base import BatchingModel, InvalidInput, require_finite, require_side
 
 # Used when a repository's config has no limit parameter (written by an older generator).
 DEFAULT_MAX_IMAGE_SIZE = MAX_IMAGE_SIZE
-
-
-def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC, with diffusers' arithmetic (x*0.5+0.5, clamp, *255, round)."""
-    image = np.clip(image.astype(np.float32) * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
-    return (image.transpose(0, 2, 3, 1) * np.float32(255)).round().astype(np.uint8)
 
 
 class PostprocessImage(BatchingModel):

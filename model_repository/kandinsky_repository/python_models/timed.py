@@ -36,9 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from kandinsky_client.components import BATCH, COMPONENTS, ModelDims
-
-from kandinsky_repository.gpu_costs import NO_GPU, seconds_from_record
+from kandinsky_core.components import BATCH, COMPONENTS, ModelDims
+from kandinsky_core.gpu_costs import NO_GPU, seconds_from_record
 
 from .base import BatchingModel, InvalidInput
 

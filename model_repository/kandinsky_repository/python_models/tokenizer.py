@@ -13,36 +13,13 @@ would only tie up the tokenizer. Bytes that are not valid UTF-8 (a lone surrogat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
-from kandinsky_client.components import MAX_PROMPT_BYTES
+from kandinsky_core.components import MAX_PROMPT_BYTES
+from kandinsky_core.processing import load_tokenizer, tokenize
 
 from .base import BatchingModel, InvalidInput
-
-
-def load_tokenizer(folder: Path):
-    """A `tokenizers.Tokenizer` that pads with the pad token and truncates to the model's max length."""
-    from tokenizers import Tokenizer
-
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    max_length = int(config["model_max_length"])
-    pad_token = config.get("pad_token") or config["eos_token"]
-    pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.enable_padding(length=max_length, pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token)
-    return tokenizer
-
-
-def tokenize(tokenizer, prompts: list[str]) -> dict[str, np.ndarray]:
-    encodings = tokenizer.encode_batch(prompts)
-    return {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=bool),
-    }
 
 
 def check_prompt_sizes(raw: np.ndarray, max_bytes: int = MAX_PROMPT_BYTES) -> None:

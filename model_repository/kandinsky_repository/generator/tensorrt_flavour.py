@@ -22,14 +22,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import DTYPES, ComponentSpec, ModelDims, TensorSpec
-from kandinsky_client.profiles import (
+from kandinsky_core.bundle import ENGINE_FILE
+from kandinsky_core.components import DTYPES, ComponentSpec, ModelDims, TensorSpec
+from kandinsky_core.profiles import (
     SPATIAL_SYMBOLS,
     ProfileSettings,
     instance_activation_memory,
     is_spatially_static,
 )
-from kandinsky_export.bundle import ENGINE_FILE
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .configs import RepositoryOptions, place_file, set_parameters

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
-from kandinsky_client.components import DTYPES, MAX_IMAGE_SIZE, ModelDims, ModelSpec, TensorSpec
+from kandinsky_core.components import DTYPES, MAX_IMAGE_SIZE, ModelDims, ModelSpec, TensorSpec
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .settings import DEFAULTS
+from ..settings import DEFAULTS
 
 FLAVOURS = ("cpu", "onnxruntime", "tensorrt", "timed")
 GPU_FLAVOURS = (

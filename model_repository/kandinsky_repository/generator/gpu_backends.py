@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import ComponentSpec, ModelDims
-from kandinsky_client.profiles import has_spatial_axes, image_size_limits
+from kandinsky_core.components import ComponentSpec, ModelDims
+from kandinsky_core.profiles import has_spatial_axes, image_size_limits
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .configs import RepositoryOptions, dtype_enum

@@ -1,4 +1,4 @@
-"""The config of the `kandinsky` generation model, built from the client's wire table (`kandinsky_client.wire`).
+"""The config of the `kandinsky` generation model, built from the client's wire table (`kandinsky_core.wire`).
 
 Its inputs are the request fields (all optional: the request's defaults fill the gaps), its outputs the
 final and progress response tensors; it is decoupled (progress responses, then one final response) and
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 
-from kandinsky_client.server_info import INFO_MODELS
-from kandinsky_client.wire import MODEL_NAME, input_specs, output_specs
+from kandinsky_core.server_info import INFO_MODELS
+from kandinsky_core.wire import MODEL_NAME, input_specs, output_specs
 from tritonclient.grpc import model_config_pb2 as mc
 
-ENTRY_POINT = "generation:KandinskyGeneration"
+ENTRY_POINT = "kandinsky_model:KandinskyGeneration"
 
 
 def decoded_parameters(config: mc.ModelConfig) -> dict[str, object]:

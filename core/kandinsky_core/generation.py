@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
+from kandinsky_core import components as registry
 from PIL import Image
 
-from . import components as registry
 from .components import MAX_INPUT_IMAGE_SIDE, ModelSpec
 from .errors import InvalidRequest
 from .images import (

@@ -30,7 +30,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import COMPONENTS
+from kandinsky_core.components import COMPONENTS
 
 # The packaged data file (package data of kandinsky_repository; see pyproject.toml).
 COSTS_FILE = Path(__file__).with_name("gpu_costs.json")

@@ -19,15 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kandinsky_client.components import ComponentSpec, ModelDims
-from kandinsky_client.profiles import (
+from kandinsky_core.bundle import FP16_CUDA_DIR, FP16_DIR, ONNX_FILE
+from kandinsky_core.components import ComponentSpec, ModelDims
+from kandinsky_core.profiles import (
     ProfileSettings,
     engine_profile,
     has_spatial_axes,
     input_shapes,
     profile_shapes_option,
 )
-from kandinsky_export.bundle import FP16_CUDA_DIR, FP16_DIR, ONNX_FILE
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .configs import RepositoryOptions, place_file, set_parameters

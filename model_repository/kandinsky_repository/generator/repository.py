@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from kandinsky_client.components import (
+from kandinsky_core import bundle as layout
+from kandinsky_core.components import (
     COMPONENTS,
     INPAINT_MOVQ_COMPONENTS,
     MAX_IMAGE_SIZE,
@@ -33,15 +34,14 @@ from kandinsky_client.components import (
     ServedModelSpec,
     TensorSpec,
 )
-from kandinsky_client.profiles import image_size_limits, intersect_size_limits
-from kandinsky_client.server_info import (
+from kandinsky_core.profiles import image_size_limits, intersect_size_limits
+from kandinsky_core.server_info import (
     IMAGE_SIZES_PARAMETER,
     INPAINT_MOVQ_PARAMETER,
     REPOSITORY_FORMAT,
     REPOSITORY_FORMAT_PARAMETER,
 )
-from kandinsky_client.wire import MODEL_NAME
-from kandinsky_export import bundle as layout
+from kandinsky_core.wire import MODEL_NAME
 from tqdm.auto import tqdm
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -56,9 +56,9 @@ from .configs import (
     set_parameters,
     write_config,
 )
-from .generation_config import ENTRY_POINT as GENERATION_ENTRY_POINT
-from .generation_config import generation_config
 from .gpu_backends import configure_gpu_component
+from .kandinsky_model_config import ENTRY_POINT as GENERATION_ENTRY_POINT
+from .kandinsky_model_config import generation_config
 
 logger = logging.getLogger(__name__)
 

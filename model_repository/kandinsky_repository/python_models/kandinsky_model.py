@@ -14,7 +14,7 @@ time limit stops before its next step, so no orphaned work stays queued.
 
 Parameters (config.pbtxt, written by the repository generator):
   server_info                 JSON {"unet": {...}, "prior": {...}, "unet_inpaint": {...} | null, ...}:
-                              those models' config parameters (see kandinsky_client.server_info)
+                              those models' config parameters (see kandinsky_core.server_info)
   max_concurrent_generations  generations running at once (threads)
   max_queued_generations      generations waiting for a thread before new ones are refused
   max_generation_seconds      time limit of a generation (a request may ask for less with timeout_s)
@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from kandinsky_client.components import ModelSpec, model_inputs
-from kandinsky_client.errors import (
+from kandinsky_core.components import ModelSpec, model_inputs
+from kandinsky_core.errors import (
     Cancelled,
     InvalidRequest,
     KandinskyClientError,
@@ -44,10 +44,10 @@ from kandinsky_client.errors import (
     error_from_message,
     error_message,
 )
-from kandinsky_client.generation import DECODER_STAGE, Generator
-from kandinsky_client.server_info import ServerInfo
-from kandinsky_client.validation import check_request
-from kandinsky_client.wire import ResponseOptions, final_outputs, png_base64, request_from_inputs
+from kandinsky_core.generation import DECODER_STAGE, Generator
+from kandinsky_core.server_info import ServerInfo
+from kandinsky_core.validation import check_request
+from kandinsky_core.wire import ResponseOptions, final_outputs, png_base64, request_from_inputs
 
 logger = logging.getLogger("kandinsky_repository")
 

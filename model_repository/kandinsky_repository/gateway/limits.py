@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kandinsky_client.components import (
+from kandinsky_core.components import (
     COMPONENTS,
     MAX_IMAGES_PER_REQUEST,
     MAX_INPUT_IMAGE_SIDE,
@@ -43,7 +43,7 @@ from kandinsky_client.components import (
 )
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .generate import DEFAULT_MAX_IMAGE_SIZE, read_config
+from ..generator.repository import DEFAULT_MAX_IMAGE_SIZE, read_config
 
 logger = logging.getLogger(__name__)
 

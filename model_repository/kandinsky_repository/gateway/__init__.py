@@ -1,0 +1,1 @@
+"""`kandinsky-gateway`: nginx + njs in front of Triton (routes, request checks, limits, tokens)."""

@@ -1,0 +1,1 @@
+"""`kandinsky-repository`: writes a Triton model repository from an export bundle, in one of its flavours."""
