@@ -53,7 +53,9 @@ def recorded(golden: dict):
     yield found
     if UPDATE:
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({**golden, **found}, indent=1, sort_keys=True) + "\n")
+        records = {**golden, **found}
+        lines = [f"{json.dumps(key)}: {json.dumps(records[key])}" for key in sorted(records)]
+        GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one record per line
 
 
 CASES = {case.id: case.values for case in MODE_CASES}
