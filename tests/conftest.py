@@ -64,7 +64,7 @@ def triton_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactor
 
 def local_triton_server(repository: Path, log: Path):
     """A TritonServer (not started) on free loopback ports, its restricted APIs behind TEST_ADMIN_KEY."""
-    from kandinsky_repository.serving.admin import AdminKey
+    from kandinsky_repository.admin import AdminKey
     from kandinsky_repository.serving.triton import TritonServer
 
     return TritonServer(

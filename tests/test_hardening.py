@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from kandinsky_core import components as registry
-from kandinsky_repository.serving.admin import AdminKey
+from kandinsky_repository.admin import AdminKey
 from kandinsky_repository.serving.health import deep_readiness
 from kandinsky_repository.serving.stubs import stub_processes
 from kandinsky_repository.serving.triton import TritonServer

@@ -107,8 +107,8 @@ def test_without_generation_retries_the_failure_is_a_clear_retryable_error(repli
 def test_the_gateway_follows_a_name_whose_replicas_change(replicas, monkeypatch):
     """kandinsky-gateway --resolve-interval: a name (Kubernetes: the headless Service) is looked up again;
     when its addresses change the configuration is rewritten and nginx reloaded without a restart."""
+    from kandinsky_repository.gateway import nginx as gateway_module
     from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions, resolve_address
-    from kandinsky_repository.gateway.nginx import nginx as gateway_module
     from kandinsky_repository.serving.triton import free_port
 
     assert "127.0.0.1:8000" in resolve_address("localhost:8000")  # a name: every address it has now

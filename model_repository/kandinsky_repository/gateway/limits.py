@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from generator.repository import DEFAULT_MAX_IMAGE_SIZE, read_config
 from kandinsky_core.components import (
     COMPONENTS,
     MAX_IMAGES_PER_REQUEST,
@@ -43,6 +42,8 @@ from kandinsky_core.components import (
     ModelSpec,
 )
 from tritonclient.grpc import model_config_pb2 as mc
+
+from ..generator.repository import DEFAULT_MAX_IMAGE_SIZE, read_config
 
 logger = logging.getLogger(__name__)
 

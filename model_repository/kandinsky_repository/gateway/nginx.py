@@ -56,10 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from admin import AdminKey, check_secret, resolve_admin_key
-from settings import DEFAULTS
-
-from ..limits import generate_fields, json_text_limit, read_configs, request_limits
+from ..admin import AdminKey, check_secret, resolve_admin_key
+from ..settings import DEFAULTS
+from .limits import generate_fields, json_text_limit, read_configs, request_limits
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from kandinsky_core.bundle import BundleError
 from kandinsky_core.gpu_costs import GPUS, NO_GPU
-from settings import DEFAULTS
 
-from ..repository import DEFAULT_MAX_IMAGE_SIZE, FLAVOURS, RepositoryOptions, generate_repository
+from ..settings import DEFAULTS
 from .gpu_backends import GPU_MAX_QUEUE_DELAY_US
+from .repository import DEFAULT_MAX_IMAGE_SIZE, FLAVOURS, RepositoryOptions, generate_repository
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 from kandinsky_core.components import DTYPES, MAX_IMAGE_SIZE, ModelDims, ModelSpec, TensorSpec
-from settings import DEFAULTS
 from tritonclient.grpc import model_config_pb2 as mc
+
+from ..settings import DEFAULTS
 
 FLAVOURS = ("cpu", "onnxruntime", "tensorrt", "timed")
 GPU_FLAVOURS = (

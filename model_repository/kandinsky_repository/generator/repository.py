@@ -45,8 +45,6 @@ from kandinsky_core.wire import MODEL_NAME
 from tqdm.auto import tqdm
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..kandinsky_model_config import ENTRY_POINT as GENERATION_ENTRY_POINT
-from ..kandinsky_model_config import generation_config
 from .configs import (
     FLAVOURS,
     RepositoryOptions,
@@ -59,6 +57,8 @@ from .configs import (
     write_config,
 )
 from .gpu_backends import configure_gpu_component
+from .kandinsky_model_config import ENTRY_POINT as GENERATION_ENTRY_POINT
+from .kandinsky_model_config import generation_config
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from kandinsky_core.components import ComponentSpec, ModelDims
 from kandinsky_core.gpu_costs import DEFAULT_ARCHITECTURE, cost_record, load_costs
 from kandinsky_core.profiles import ProfileSettings, engine_profiles
-from python_models.timed import COMPONENT_PARAMETER, COST_PARAMETER, DIMS_PARAMETER, LOCK_PARAMETER
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..python_models.timed import COMPONENT_PARAMETER, COST_PARAMETER, DIMS_PARAMETER, LOCK_PARAMETER
 from .configs import RepositoryOptions, set_parameters, write_python_entry_point
 from .tensorrt_flavour import serve_profiles
 

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from settings import DEFAULTS
-
+from ..settings import DEFAULTS
 from .stubs import stub_processes
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class Readiness:
 
 def python_instances(repository: Path) -> dict[str, int]:
     """Python-backend models of the repository and how many instances (stubs) each runs."""
-    from generator.repository import read_config
+    from ..generator.repository import read_config
 
     counts = {}
     for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
@@ -88,7 +87,7 @@ def deep_readiness(
     `process_group`: tritonserver's process group (its pid), to find the stub processes; None skips the
     stub check. `admin_header`/`admin_key` unlock the repository index when the API is restricted.
     """
-    from ..triton import repository_models
+    from .triton import repository_models
 
     models = repository_models(repository)
     base = f"http://{triton_http}"

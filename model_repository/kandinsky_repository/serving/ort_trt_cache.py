@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from generator.configs import read_config
 from kandinsky_core.bundle import write_json
+
+from ..generator.configs import read_config
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,8 @@ def build_cache(repository: Path, timeout: float | None = None, log_file: Path |
     `timeout`: seconds for every model to load (None: no limit; Triton exits on a load error, which ends
     the wait with its log). Raises RuntimeError or TimeoutError when the models do not load.
     """
-    from admin import AdminKey
-
-    from ..triton import TritonServer, free_port
+    from ..admin import AdminKey
+    from .triton import TritonServer, free_port
 
     repository = Path(repository).resolve()
     state = cache_state(repository)

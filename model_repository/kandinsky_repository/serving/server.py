@@ -22,16 +22,15 @@ import signal
 import sys
 from pathlib import Path
 
-from admin import resolve_admin_key
-from settings import DEFAULTS
-
-from ..triton import TritonServer, free_port
+from ..settings import DEFAULTS
+from ..admin import resolve_admin_key
+from .triton import TritonServer, free_port
 
 logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gateway.nginx import add_gateway_arguments
+    from ..gateway.nginx import add_gateway_arguments
 
     parser = argparse.ArgumentParser(description="Serve a Kandinsky 2.2 model repository with Triton.")
     parser.add_argument("--repository", type=Path, required=True, help="generated model repository")
@@ -75,8 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway.nginx import Gateway, GatewayUnavailable, address, options_from_arguments
-
+    from ..gateway.nginx import Gateway, GatewayUnavailable, address, options_from_arguments
     from .health import HealthServer
     from .ort_trt_cache import build_cache, cache_state, not_built_message
     from .supervisor import Supervisor

@@ -45,15 +45,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from settings import DEFAULTS
-
+from ..settings import DEFAULTS
 from .health import Readiness, deep_readiness, python_instances
 from .stubs import StubProcess, remove_shm_regions, stub_processes, wait_group_gone
 
 if TYPE_CHECKING:
-    from gateway.nginx import Gateway
-
-    from ..triton import TritonServer
+    from ..gateway.nginx import Gateway
+    from .triton import TritonServer
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +149,7 @@ class Supervisor:
 
     def wait_deep_ready(self, timeout: float) -> list[str]:
         """Block until the deep check passes; raise if tritonserver exits or `timeout` passes."""
-        from ..triton import repository_models
+        from .triton import repository_models
 
         deadline = time.monotonic() + timeout
         report = Readiness(False, ["not checked yet"])

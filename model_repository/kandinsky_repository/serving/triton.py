@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..settings import DEFAULTS
-from .admin import AdminKey
+from ..admin import AdminKey
 
 logger = logging.getLogger(__name__)
 
