@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from kandinsky_client.pipeline import KandinskyClient
-from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions
 from kandinsky_repository.admin import AdminKey
+from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions
 from kandinsky_repository.serving.triton import TritonServer
 from tritonclient.utils import InferenceServerException
 

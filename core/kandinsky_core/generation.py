@@ -34,8 +34,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
-from kandinsky_core import components as registry
 from PIL import Image
+
+from kandinsky_core import components as registry
 
 from .components import MAX_INPUT_IMAGE_SIDE, ModelSpec
 from .errors import InvalidRequest

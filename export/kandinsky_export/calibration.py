@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kandinsky_core import bundle as layout
 from kandinsky_core import components as registry
 from kandinsky_core.components import COMPONENTS, MAX_IMAGES_PER_REQUEST, ModelDims, ModelSpec
 from kandinsky_core.generation import Generator
@@ -42,8 +43,6 @@ from kandinsky_core.request import CONTROLNET, INPAINT, TEXT_TO_IMAGE, Generatio
 from kandinsky_core.server_info import ServerInfo
 from kandinsky_core.validation import check_request
 from PIL import Image
-
-from . import bundle as layout
 
 PROMPT = "a photograph of a red fox in the snow at sunrise, highly detailed"
 NEGATIVE_PROMPT = "blurry, low quality"

@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from kandinsky_core import bundle as layout
 from kandinsky_core.bundle import (
     EXTERNAL_DATA_NAME,
     EXTERNAL_DATA_THRESHOLD,
@@ -76,7 +77,6 @@ from kandinsky_core.profiles import ProfileSettings, has_spatial_axes
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from . import bundle as layout
 from . import calibration
 from .calibration import RecordedRun, record_run
 from .onnx_export import ParityReport, compare_outputs, onnx_session, run_session

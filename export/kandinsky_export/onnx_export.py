@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from kandinsky_core import bundle as layout
 from kandinsky_core.bundle import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, ONNX_FILE
 from kandinsky_core.components import COMPONENTS, INPAINT_MOVQ_COMPONENTS, UNET_CONTROLNET, ComponentSpec
 from tqdm.auto import tqdm
 
-from . import bundle as layout
 from .checkpoint import Checkpoint
 from .controlnet import check_controlnet_movq, check_controlnet_unet
 from .inpaint_movq import movq_record, own_movq_components

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kandinsky_core import bundle as layout
 from kandinsky_core.bundle import ENGINE_DIR, ENGINE_FILE, ONNX_FILE, TIMING_CACHE
 from kandinsky_core.components import COMPONENTS, DTYPES, ModelDims
 from kandinsky_core.profiles import (
@@ -58,7 +59,6 @@ from kandinsky_core.profiles import (
 )
 from tqdm.auto import tqdm
 
-from . import bundle as layout
 from .engine_check import ENGINE_TOLERANCE, EngineRunner, RecordedInputs, check_engine, worst_output
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ What it allows (everything else: 403/404 over HTTP, PERMISSION_DENIED over gRPC,
 - gRPC (HTTP/2 without TLS) on `--host`:`--grpc-port`: ServerLive, ServerReady, ModelReady,
   ServerMetadata, ModelMetadata, ModelConfig, ModelInfer, ModelStreamInfer, RepositoryIndex.
 Bodies are capped (`gateway_limits.py` says how the cap is computed), JSON bodies of infer and generate
-requests are checked by `gateway_files/kandinsky_gateway.js`, an optional bearer token is required on
+requests are checked by `files/kandinsky_gateway.js`, an optional bearer token is required on
 both protocols, each client address is rate-limited (429 / RESOURCE_EXHAUSTED), and a Triton that does
 not answer (restarting) gives 503 + JSON (UNAVAILABLE over gRPC): retryable.
 
@@ -27,7 +27,7 @@ replica refuses, resets or does not answer before its response starts goes to th
 short window (settings.py: `upstream_*`); later failures reach the client, whose retry policy sends the
 step or the whole generation again (same seed, same image).
 
-The configuration is rendered from `gateway_files/nginx.conf.template` and the defaults of
+The configuration is rendered from `files/nginx.conf.template` and the defaults of
 `settings.py` into a runtime folder at start; nginx runs in the foreground with that folder as its
 prefix (pid, temp paths, error log), so it needs no root and touches nothing else. Standalone:
 `kandinsky-gateway --triton-http H:P --triton-grpc H:P --health-url URL --repository R` (Docker compose
@@ -62,7 +62,7 @@ from .limits import generate_fields, json_text_limit, read_configs, request_limi
 
 logger = logging.getLogger(__name__)
 
-FILES = Path(__file__).parent / "gateway_files"
+FILES = Path(__file__).parent / "files"
 TEMPLATE = FILES / "nginx.conf.template"
 SCRIPT = FILES / "kandinsky_gateway.js"
 NJS_MODULE = "ngx_http_js_module.so"

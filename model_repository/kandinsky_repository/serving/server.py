@@ -22,8 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ..settings import DEFAULTS
 from ..admin import resolve_admin_key
+from ..settings import DEFAULTS
 from .triton import TritonServer, free_port
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..settings import DEFAULTS
 from ..admin import AdminKey
+from ..settings import DEFAULTS
 
 logger = logging.getLogger(__name__)
 
