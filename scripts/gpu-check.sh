@@ -57,7 +57,7 @@ if [[ -n "${WHEELS}" ]]; then
     fi
     "${PYTHON}" -m pip install --no-index --find-links "${WHEELS}" "${WHEELS}"/*.whl
 fi
-"${PYTHON}" -m pip install --no-index --no-build-isolation --no-deps "${ROOT}/core" "${ROOT}/client" \
+"${PYTHON}" -m pip install --no-index --no-build-isolation --no-deps "${ROOT}/core" "${ROOT}/client" "${ROOT}/benchmarks" \
     "${ROOT}/model_repository" "${ROOT}/export"
 "${PYTHON}" - <<'EOF'
 import importlib, sys

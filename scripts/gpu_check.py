@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kandinsky_bench.timing import median_seconds
 
 
 def _gpu_name(device: str) -> str:
@@ -48,19 +47,6 @@ def _gpu_name(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-
-
-def _median_seconds(run: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
-    for _ in range(warmup):
-        run()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fp16_errors(bundle: Path) -> list[dict[str, Any]]:
@@ -109,8 +95,8 @@ def component_latency(
         path = onnx_file(bundle, component, "default")
         session = onnx_session(path, providers)
         names = [o.name for o in session.get_outputs()]
-        ort_s = _median_seconds(
-            lambda s=session, n=names, i=inputs: s.run(n, i), warmup, repeats, lambda: None
+        ort_s = median_seconds(
+            lambda s=session, n=names, i=inputs: s.run(n, i), warmup=warmup, repeats=repeats, progress=False
         )
         wrapper = build_wrapper(component, ckpt.load_component(component)).to(device=device, dtype=dtype)
         feed = {
@@ -124,7 +110,7 @@ def component_latency(
             with torch.inference_mode():
                 return w(**f)
 
-        torch_s = _median_seconds(torch_call, warmup, repeats, sync)
+        torch_s = median_seconds(torch_call, warmup=warmup, repeats=repeats, progress=False, sync=sync)
         reference = run_session(onnx_session(bundle / component / "model.onnx", providers), inputs)
         served = run_session(session, inputs)
         error = max(
@@ -163,8 +149,7 @@ def end_to_end(
     repeats: int,
 ) -> dict[str, Any]:
     """Seconds per image: the generation core over ONNX Runtime, and diffusers, same GPU and settings."""
-    import torch
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+    from kandinsky_bench.baseline import DiffusersBaseline
     from kandinsky_core.generation import Generator
     from kandinsky_core.request import GenerationRequest
     from kandinsky_core.validation import check_request
@@ -185,28 +170,19 @@ def end_to_end(
         ),
         info,
     )
-    ours = _median_seconds(lambda: generator.generate(request), 1, repeats, lambda: None)
-
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    prior = KandinskyV22PriorPipeline.from_pretrained(checkpoint / "prior", torch_dtype=dtype).to(device)
-    decoder = KandinskyV22Pipeline.from_pretrained(checkpoint / "decoder", torch_dtype=dtype).to(device)
-    for pipe in (prior, decoder):
-        pipe.set_progress_bar_config(disable=True)
-
-    def diffusers_call() -> Any:
-        generator_t = torch.Generator(device=device).manual_seed(0)
-        embeds = prior(PROMPT, num_inference_steps=prior_steps, generator=generator_t)
-        return decoder(
-            image_embeds=embeds.image_embeds,
-            negative_image_embeds=embeds.negative_image_embeds,
-            height=size,
-            width=size,
-            num_inference_steps=decoder_steps,
-            generator=generator_t,
-        ).images
-
-    theirs = _median_seconds(diffusers_call, 1, repeats, sync)
+    ours = median_seconds(lambda: generator.generate(request), warmup=1, repeats=repeats, progress=False)
+    baseline = DiffusersBaseline(
+        checkpoint,
+        prompt=PROMPT,
+        height=size,
+        width=size,
+        prior_num_inference_steps=prior_steps,
+        num_inference_steps=decoder_steps,
+        guidance_scale=4.0,
+        device=device,
+        dtype="float16" if device == "cuda" else "float32",
+    )
+    theirs = median_seconds(lambda: baseline.generate(0), warmup=1, repeats=repeats, progress=False)
     return {
         "size": size,
         "prior_steps": prior_steps,
@@ -249,8 +225,8 @@ def served(
         for loop in ("client", "server"):
             with KandinskyClient(server.grpc_url, loop=loop) as client:
                 images[loop] = np.asarray(client.text_to_image(**request).images)
-                seconds[loop] = _median_seconds(
-                    lambda c=client: c.text_to_image(**request), 0, repeats, lambda: None
+                seconds[loop] = median_seconds(
+                    lambda c=client: c.text_to_image(**request), warmup=0, repeats=repeats, progress=False
                 )
     return {
         "flavour": flavour,

@@ -67,13 +67,10 @@ def recorded_noise() -> Iterator[list[np.ndarray]]:
 
 
 def load_pipelines(root: Path):
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+    """The prior and decoder pipelines in float32 on the CPU: the benchmark's loader, the one there is."""
+    from kandinsky_bench.baseline import load_pipelines as load
 
-    prior = KandinskyV22PriorPipeline.from_pretrained(root / "prior").to(torch.float32)
-    decoder = KandinskyV22Pipeline.from_pretrained(root / "decoder").to(torch.float32)
-    prior.set_progress_bar_config(disable=True)
-    decoder.set_progress_bar_config(disable=True)
-    return prior, decoder
+    return load(root, "cpu", "float32")
 
 
 def text_to_image(
@@ -91,29 +88,21 @@ def text_to_image(
     num_images_per_prompt=1,
     seed=0,
 ):
-    """Reference uint8 images and the noise drawn, for the prior + decoder pipelines."""
-    generator = torch.Generator().manual_seed(seed)
-    with recorded_noise() as draws, torch.inference_mode():
-        embeds = prior(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=prior_num_inference_steps,
-            guidance_scale=prior_guidance_scale,
-            generator=generator,
-        )
-        images = decoder(
-            image_embeds=embeds.image_embeds,
-            negative_image_embeds=embeds.negative_image_embeds,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type="np",
-        ).images
-    uint8 = (images * 255).round().astype(np.uint8)
-    return uint8, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy(), list(draws)
+    """Reference uint8 images, the embeddings and the noise drawn, for the prior + decoder pipelines."""
+    return _prior_then(
+        prior,
+        decoder,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_images_per_prompt=num_images_per_prompt,
+        prior_num_inference_steps=prior_num_inference_steps,
+        prior_guidance_scale=prior_guidance_scale,
+        seed=seed,
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+    )
 
 
 # -- the other Kandinsky 2.2 pipelines ---------------------------------------------------------------
@@ -176,35 +165,35 @@ def _prior_then(
     num_images_per_prompt,
     prior_num_inference_steps,
     seed,
+    prior_guidance_scale=4.0,
     per_image: dict | None = None,
     **decoder_options,
 ):
-    """KandinskyV22PriorPipeline on the prompt, then `decoder` on its embeddings, one generator for both.
+    """The benchmark's diffusers driver (`prior_then_decoder`) with every draw recorded: the prior on the
+    prompt, then `decoder` on its embeddings, one generator for both.
 
     `per_image` values are functions of the prior's batch: the decoders that concatenate an input with
     the latents (inpainting, ControlNet) need one per embedding.
     """
+    from kandinsky_bench.baseline import prior_then_decoder
+
     generator = torch.Generator().manual_seed(seed)
 
     def work():
-        embeds = prior(
-            prompt,
+        output, embeds = prior_then_decoder(
+            prior,
+            decoder,
+            prompt=prompt,
+            generator=generator,
             negative_prompt=negative_prompt,
             num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=prior_num_inference_steps,
-            generator=generator,
-        )
-        batch = len(embeds.image_embeds)
-        expanded = {name: make(batch) for name, make in (per_image or {}).items()}
-        images = decoder(
-            image_embeds=embeds.image_embeds,
-            negative_image_embeds=embeds.negative_image_embeds,
-            generator=generator,
+            prior_num_inference_steps=prior_num_inference_steps,
+            prior_guidance_scale=prior_guidance_scale,
+            decoder_inputs=lambda batch: {name: make(batch) for name, make in (per_image or {}).items()},
             output_type="np",
-            **expanded,
             **decoder_options,
-        ).images
-        return images, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy()
+        )
+        return output.images, embeds.image_embeds.numpy(), embeds.negative_image_embeds.numpy()
 
     return _run(work)
 

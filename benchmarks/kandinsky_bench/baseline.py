@@ -52,7 +52,8 @@ class StageClock:
         self.seconds = {}
 
 
-def load_pipelines(checkpoint_root: Path, device: str, dtype: str) -> tuple[Any, Any]:
+def load_pipelines(checkpoint_root: Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """KandinskyV22PriorPipeline and KandinskyV22Pipeline from a diffusers-format root (prior/, decoder/)."""
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
@@ -63,6 +64,49 @@ def load_pipelines(checkpoint_root: Path, device: str, dtype: str) -> tuple[Any,
     prior.set_progress_bar_config(disable=True)
     decoder.set_progress_bar_config(disable=True)
     return prior, decoder
+
+
+def prior_then_decoder(
+    prior: Any,
+    decoder: Any,
+    *,
+    prompt: Any,
+    generator: Any,
+    negative_prompt: Any = None,
+    num_images_per_prompt: int = 1,
+    prior_num_inference_steps: int = 25,
+    prior_guidance_scale: float = 4.0,
+    after_prior: Callable[[], None] | None = None,
+    decoder_inputs: Callable[[int], dict[str, Any]] | None = None,
+    **decoder_options: Any,
+) -> tuple[Any, Any]:
+    """The diffusers driver: KandinskyV22PriorPipeline on the prompt, then `decoder` on its embeddings,
+    one generator for both, as a diffusers user chains them. Returns (the decoder's output, the prior's).
+
+    `after_prior()` runs between the two (a stage clock); `decoder_inputs(batch)` gives decoder inputs
+    that depend on the prior's batch (inpainting masks, ControlNet hints: one per embedding). Every other
+    keyword goes to the decoder (height, width, num_inference_steps, guidance_scale, output_type, ...).
+    Used by the benchmark's baseline, the GPU check and the tests' reference pipelines.
+    """
+    embeds = prior(
+        prompt,
+        negative_prompt=negative_prompt,
+        num_images_per_prompt=num_images_per_prompt,
+        num_inference_steps=prior_num_inference_steps,
+        guidance_scale=prior_guidance_scale,
+        generator=generator,
+    )
+    if after_prior is not None:
+        after_prior()
+    extra = decoder_inputs(len(embeds.image_embeds)) if decoder_inputs is not None else {}
+    output = decoder(
+        image_embeds=embeds.image_embeds,
+        negative_image_embeds=embeds.negative_image_embeds,
+        generator=generator,
+        **extra,
+        **decoder_options,
+    )
+    return output, embeds
 
 
 class DiffusersBaseline:
@@ -111,23 +155,26 @@ class DiffusersBaseline:
         self.clock.reset()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         start = time.perf_counter()
-        with torch.inference_mode():
-            embeds = self.prior(
-                self.prompt,
-                num_inference_steps=self.prior_num_inference_steps,
-                guidance_scale=self.prior_guidance_scale,
-                generator=generator,
-            )
+        prior_done = start
+
+        def prior_finished() -> None:
+            nonlocal prior_done
             self._sync()
             prior_done = time.perf_counter()
-            self.decoder(
-                image_embeds=embeds.image_embeds,
-                negative_image_embeds=embeds.negative_image_embeds,
+
+        with torch.inference_mode():
+            prior_then_decoder(
+                self.prior,
+                self.decoder,
+                prompt=self.prompt,
+                generator=generator,
+                prior_num_inference_steps=self.prior_num_inference_steps,
+                prior_guidance_scale=self.prior_guidance_scale,
+                after_prior=prior_finished,
                 height=self.height,
                 width=self.width,
                 num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale,
-                generator=generator,
             )
             self._sync()
         end = time.perf_counter()
