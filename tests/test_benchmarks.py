@@ -442,7 +442,7 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint_root
         "diffusers float32",
         "Components",
         "tiny preset",
-        # Per-model times are summed per generation, and said so (issue 17, 6d); per model request too.
+        # Per-model times are summed per generation, and said so; per model request too.
         "queue ms/generation",
         "compute_infer ms/model request",
     ):

@@ -1,4 +1,4 @@
-"""The export bundle (issue 10, points 1, 2, 6, 8 and 9): a failed export is never served, a re-export into
+"""The export bundle: a failed export is never served, a re-export into
 a bundle with FP16 variants and engines works, large files are hashed once, the exporter leaves warning
 filters alone, and every shared name has one home."""
 

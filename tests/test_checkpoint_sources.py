@@ -1,4 +1,4 @@
-"""Where checkpoint parts come from (issue 12): tokenizer files, pinned hub revisions, the inpainting MoVQ.
+"""Where checkpoint parts come from: tokenizer files, pinned hub revisions, the inpainting MoVQ.
 
 Hub downloads cannot run here, but the hub's loading path can: a local Hugging Face cache holding two
 snapshots (two commits) of the tiny preset's repositories, read with HF_HUB_OFFLINE=1, is what

@@ -340,7 +340,7 @@ def test_a_new_checkpoint_revision_is_a_new_key_job_and_rolling_update(default):
 
 def _stand_ins(folder: Path) -> Path:
     """kandinsky-entrypoint (writes a repository), kandinsky-serve/-gateway (print their arguments),
-    kandinsky-export (without --prior-revision: an image from before issue 12)."""
+    kandinsky-export (without --prior-revision: an image older than the revision flags)."""
     folder.mkdir()
     scripts = {
         "kandinsky-entrypoint": 'mkdir -p "$KANDINSKY_DATA/model_repository/unet"; '

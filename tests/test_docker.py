@@ -1,4 +1,4 @@
-"""The Docker image's logic without Docker (issue 10, point 6): docker/entrypoint.sh run with stand-in
+"""The Docker image's logic without Docker : docker/entrypoint.sh run with stand-in
 `kandinsky-export`, `kandinsky-repository`, `kandinsky-serve` and `df` commands (the real `kandinsky-export
 profile` checks the sizes), and the Dockerfile and compose file read as text/YAML. Building the image needs
 Docker and an NGC base image, which the test machines do not have (docs/gpu.md says what has not run).
@@ -267,7 +267,7 @@ def test_the_chart_prepares_through_the_same_entrypoint_mode() -> None:
 
 
 def test_pinned_revisions_reach_the_export_and_a_new_revision_exports_again(container) -> None:
-    """Issue 12: KANDINSKY_*_REVISION become --*-revision; a bundle whose manifest records other sources
+    """KANDINSKY_*_REVISION become --*-revision; a bundle whose manifest records other sources
     or revisions is exported again, one that records these is not."""
     run, calls, data = container
     revisions = {"KANDINSKY_PRIOR_REVISION": "1" * 40, "KANDINSKY_DECODER_INPAINT_REVISION": "2" * 40}

@@ -164,7 +164,7 @@ def _scaled_movq_decoder(source: Path, target: Path, scale: float) -> Path:
 
 
 def test_normalisations_are_judged_by_what_they_reduce(fp16_bundle) -> None:
-    """Issue 10, point 5: a normalisation's statistics sum x^2 over the elements it reduces, which grow
+    """A normalisation's statistics sum x^2 over the elements it reduces, which grow
     with the image for Instance/GroupNorm (about 64x from this 128 px check to 1024 px). The tiny UNet's
     error passes with every normalisation in FP16, but its sums would overflow FP16 at 1024 px: the
     normalisations are kept in FP32. LayerNorm over channels does not grow with the image."""
@@ -304,7 +304,7 @@ def test_large_models_go_through_external_data(tiny_bundle, tmp_path: Path, monk
 def test_the_check_runs_at_the_engines_optimum_on_a_real_run(
     tiny_bundle, tmp_path: Path, monkeypatch
 ) -> None:
-    """Issue 10, point 5: the FP16 check ran at 2-3x the size unit on N(0, 1) inputs. By default it now
+    """The FP16 check ran at 2-3x the size unit on N(0, 1) inputs. By default it now
     runs at the engine profile's optimum for the largest served size, on a recorded real run."""
     import kandinsky_export.fp16 as fp16_module
     from kandinsky_core.profiles import ProfileSettings
@@ -366,7 +366,7 @@ def test_the_check_inputs_are_what_each_component_gets(tiny_bundle) -> None:
 
 
 def test_an_untyped_tensor_is_an_error() -> None:
-    """Issue 10, point 5: shape-inference failures were swallowed, so a tensor without a type was never
+    """Shape-inference failures were swallowed, so a tensor without a type was never
     rounded to FP16 by the emulation and escaped the check. It is now an error naming the tensor."""
     from kandinsky_export.fp16 import UntypedTensors
 

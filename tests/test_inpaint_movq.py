@@ -1,4 +1,4 @@
-"""Inpainting with the inpainting repo's own MoVQ where it differs from the decoder's (issue 12, item 4).
+"""Inpainting with the inpainting repo's own MoVQ where it differs from the decoder's.
 
 diffusers' `KandinskyV22InpaintPipeline` encodes and decodes with `decoder_inpaint/movq`. The tiny preset
 ships a copy of the decoder's (shared: no extra models, see test_checkpoint_sources); here that copy is

@@ -1,4 +1,5 @@
-"""The onnxruntime GPU flavour and what serves it (issue 17, items 4, 5 and 6b).
+"""The onnxruntime GPU flavour and what serves it: the CUDA-fused FP16 variant, heuristic cuDNN search,
+warm-ups at the traffic's shapes, the TensorRT engine cache built in the prepare step, the exact TensorRT pin.
 
 Item 5: the CUDA-fused FP16 variant lives next to the portable one and is served on the CUDA provider
 where it passed (never under TensorRT); cuDNN's convolution search is the heuristic one; every network

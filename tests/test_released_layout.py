@@ -1,4 +1,4 @@
-"""The `released` preset layout (issue 12): the files of the released uploads load, export and serve.
+"""The `released` preset layout: the files of the released uploads load, export and serve.
 
 The tiny preset is written a second time, stored as the released repositories store it
 (export/kandinsky_export/released_layout.py), then loaded by diffusers and by `Checkpoint`, exported
@@ -91,7 +91,7 @@ def _json(path: Path) -> dict:
 
 
 def test_released_layout_is_stored_as_the_uploads(released_root):
-    """Every row of issue 12's table, left column."""
+    """Every file of the released uploads' layout."""
     from safetensors.torch import load_file
 
     prior, decoder, inpaint = (

@@ -1,4 +1,4 @@
-"""Replica failure without lost images (issue 13), on the topology the Kubernetes chart runs (deploy/):
+"""Replica failure without lost images, on the topology the Kubernetes chart runs (deploy/):
 three Triton replicas (tiny preset, CPU, loopback ports) behind one gateway rendered from the same
 template and settings as `kandinsky-gateway`, a bounded load, one replica killed (SIGKILL of its process
 group) in the middle. The load, the kill and the counting are `kandinsky_bench.failover`'s, which

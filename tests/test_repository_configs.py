@@ -430,7 +430,7 @@ def _json_config(config: mc.ModelConfig) -> dict:
 
 
 def test_cuda_graphs_for_every_batch_the_traffic_has(static_engine_bundle: Path, tmp_path: Path) -> None:
-    """Issue 10, point 3: with static engines, a graph per batch guidance sends (UNet 2, 4, 6, 8; prior
+    """With static engines, a graph per batch guidance sends (UNet 2, 4, 6, 8; prior
     2 .. 16; one row per image for the MoVQ), each giving every input's per-item shape; the dynamic
     batcher prefers exactly those batches. Without graph_spec, Triton r25.01 captured only batch 1 and
     max_batch_size (at the profile's optimum) and runs a graph on an exact batch match only."""
@@ -486,7 +486,7 @@ def _server_info(repository: Path) -> ServerInfo:
 def test_every_flavour_publishes_the_sizes_it_serves(
     repositories: dict, gpu_bundle: Path, static_engine_bundle: Path, tmp_path: Path
 ) -> None:
-    """Issue 10, point 7: one flavour-neutral `image_sizes` parameter from every flavour, read by the
+    """One flavour-neutral `image_sizes` parameter from every flavour, read by the
     client. ONNX Runtime with its TensorRT accelerator builds a 512 .. max profile and did not say so:
     the client accepted 64 px and the engines refused it with an opaque error."""
     cpu = _server_info(repositories["cpu"])
@@ -533,7 +533,7 @@ def test_a_repository_of_another_format_is_refused_by_the_client(repositories: d
 def test_the_ort_tensorrt_cache_lives_outside_the_regenerated_repository(
     gpu_bundle: Path, tmp_path: Path
 ) -> None:
-    """Issue 10, point 6: the repository is deleted and written again on every container start; an engine
+    """The repository is deleted and written again on every container start; an engine
     cache inside it made ONNX Runtime rebuild every TensorRT engine on every restart."""
     repository = tmp_path / "data" / "model_repository"
     _generate(gpu_bundle, repository, flavour="onnxruntime", ort_tensorrt=True)

@@ -518,7 +518,7 @@ def test_importing_schedulers_does_not_import_torch():
     assert result.returncode == 0, result.stderr
 
 
-# === the decoder schedulers beyond DDPM (issue 11) ================================================
+# === the decoder schedulers beyond DDPM ================================================
 #
 # Each numpy scheduler runs whole decoder trajectories next to its diffusers class, both built from the
 # same Kandinsky 2.2 decoder config the way diffusers' `from_config` builds them. The stand-in UNet is a

@@ -1,4 +1,4 @@
-"""What the client reads from a server and checks before sending anything (issue 10, point 7), without a
+"""What the client reads from a server and checks before sending anything, without a
 server: the repository generator's parameters for the tiny bundle, read back through `ServerInfo`."""
 
 from __future__ import annotations

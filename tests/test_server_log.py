@@ -1,5 +1,5 @@
 """Triton's log is kept in a file by default, and its end is in the error when the server fails to start
-(issue 10, point 8: it went to /dev/null unless --log-file was given)."""
+(it went to /dev/null unless --log-file was given)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def bundle(tiny_bundle, tmp_path: Path) -> Path:
     return target
 
 
-# Issue 10, point 4: rows per image, declared per model (the most rows one image costs it, and the group
+# Rows per image, declared per model (the most rows one image costs it, and the group
 # its rows come in); no request sends the image models more than one row per image.
 ROWS_PER_IMAGE = {
     "text_encoder": (4, 2),  # [uncond, cond] x (prompt, negative prompt)
@@ -151,7 +151,7 @@ def test_invalid_settings_are_refused(dims: ModelDims, settings: ProfileSettings
     [(1024, (512, 768, 1024)), (768, (512, 768, 768)), (640, (512, 640, 640)), (256, (256, 256, 256))],
 )
 def test_profiles_follow_a_smaller_max_size(dims: ModelDims, max_size: int, expected: tuple) -> None:
-    """Issue 10, point 6: a max image size below 768 (or 512) made an invalid profile and crashed the
+    """A max image size below 768 (or 512) made an invalid profile and crashed the
     engine build (and, under `restart: unless-stopped`, looped). The minimum and optimum now follow it."""
     settings = ProfileSettings.for_max_size(max_size)
     assert (settings.min_size, settings.opt_size, settings.max_size) == expected

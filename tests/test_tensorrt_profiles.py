@@ -1,4 +1,4 @@
-"""Issue 17, item 3 (several TensorRT optimisation profiles) and item 6c (the engine-vs-ONNX check),
+"""Several TensorRT optimisation profiles per engine, and the engine-vs-ONNX check after each build,
 without TensorRT: the profiles, the sidecar, the rebuild decision, the Triton config and the check's
 judgement and recording. The TensorRT parts (building several profiles, running an engine, reading its
 activation memory) run in tests/test_tensorrt_build.py where TensorRT and a GPU exist.

@@ -3,7 +3,7 @@ network round trip; JSON + table + chart.
 
     kandinsky-bench --preset small        # CPU: 512x512, 10 prior + 20 decoder steps
     kandinsky-bench --preset tiny --height 512 --width 512 --prior-num-inference-steps 25 \
-        --num-inference-steps 50 --skip components baseline    # the loops' overhead (issue 8's targets)
+        --num-inference-steps 50 --skip components baseline    # the loops' overhead
     kandinsky-bench --preset tiny --repeats 2 --component-repeats 2 --concurrency 1 2 --rtt-ms 0 1   # smoke
 
 Builds what it needs under artifacts/<preset>/ (checkpoint -> ONNX bundle -> Triton repository) and

@@ -1,4 +1,4 @@
-"""`kandinsky-bench flops`: the FLOP and weight counts behind `kandinsky_repository/gpu_costs.json`.
+"""`kandinsky-bench flops`: the FLOP and weight counts behind `kandinsky_core/gpu_costs.json`.
 
     kandinsky-bench flops                      # count, print the table (nothing written)
     kandinsky-bench flops --output core/kandinsky_core/gpu_costs.json   # regenerate

@@ -22,7 +22,7 @@ LOOP_LABELS = {"client": "client loop", "server": "server loop"}
 # Earlier targets (the served pipeline against diffusers, concurrency 1).
 TARGET_SPEEDUP = 1.25
 TARGET_OVERHEAD = 0.05
-# Issue 8's targets: the server loop's time outside model compute per denoising step (concurrency 1), the
+# The loops' targets: the server loop's time outside model compute per denoising step (concurrency 1), the
 # server loop never slower than the client loop without added delay, and with an added round trip R
 # faster by at least (denoising steps) x R (75 x R for 25 + 50 steps).
 TARGET_OUTSIDE_PER_STEP_S = 0.5e-3

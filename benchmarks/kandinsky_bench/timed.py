@@ -3,7 +3,7 @@
     kandinsky-bench timed                                       # the issue's grid (see the cell count)
     kandinsky-bench timed --sizes 768 --concurrency 1 8 --schedules ddpm-25+50 --repeats 4
 
-The `timed` repository (`kandinsky_repository/timed_flavour.py`) is the tensorrt flavour's configuration
+The `timed` repository (`kandinsky_repository/generator/timed_flavour.py`) is the tensorrt flavour's configuration
 with every network a python model sleeping its modelled GPU time on `--gpu` (`gpu_costs.py`), all of them
 sharing one lock: one modelled GPU. The tiny preset's bundle gives the tensors their shapes; the modelled
 time is the released architecture's. So every number here is **modelled**, not measured on a GPU: what the
@@ -58,7 +58,7 @@ from .served import LOOPS, PROMPTS, Request, generate_once, open_client, run_lev
 
 logger = logging.getLogger(__name__)
 
-# The issue's grid (issue 17): DDPM 25 + 50 steps (the released pipeline's) and DPM-Solver++ at 20 decoder
+# The default grid: DDPM 25 + 50 steps (the released pipeline's) and DPM-Solver++ at 20 decoder
 # steps (the prior keeps its 25: only the decoder scheduler changes).
 DEFAULT_SCHEDULES = ("ddpm-25+50", "dpm-20")
 DEFAULT_PRIOR_STEPS = 25
@@ -78,7 +78,7 @@ SCHEDULERS = {
 # The denoising models: each step is one request to one of them (client loop) or one BLS request (server).
 STEP_MODELS = ("prior", "unet")
 GUIDANCE_SCALE = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}["guidance_scale"]
-# Issue 17's targets, reported (never asserted) for the cells that exist: the timed flavour on H100 at
+# The GPU-serving targets, reported (never asserted) for the cells that exist: the timed flavour on H100 at
 # 768 px; the server loop at concurrency 1 within modelled compute + TARGET_OUTSIDE_PER_STEP_S per step
 # after the stub hop, no step waiting in a batching window; at concurrency 8 rows per execution and
 # images/s at least these fractions of the ideal and of the bound.
@@ -535,7 +535,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def target_lines(result: Mapping[str, Any]) -> list[str]:
-    """Issue 17's targets on this run's cells (absent cells: nothing said)."""
+    """The GPU-serving targets on this run's cells (absent cells: nothing said)."""
     gpu = result["settings"]["gpu"]
     lines = []
     for row in result["rows"]:
@@ -585,7 +585,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"repository: tensorrt configuration, max_concurrent_generations {settings['max_concurrent_generations']}",
         "- bound images/s: the modelled costs with every network batching all running generations' rows (up to "
         "its batch limit) and the GPU never idle; ideal rows per execution: the same batching, "
-        "min(concurrency x 2 rows, batch limit), as issue 17 defines it: a generation in its UNet phase cannot "
+        "min(concurrency x 2 rows, batch limit), as the GPU-serving targets define it: a generation in its UNet phase cannot "
         "join a prior batch, so the prior reaches it only while the running generations' priors line up",
         "- outside modelled compute (c=1): (p50 latency - modelled compute of the generation) / steps; modelled "
         "GPU idle per step (every concurrency): (wall - modelled busy time) / steps of one worker's generations, "
@@ -597,7 +597,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     ]
     targets = target_lines(result)
     if targets:
-        lines += ["", "## Issue 17's targets (reported, not asserted)", "", *targets]
+        lines += ["", "## GPU-serving targets (reported, not asserted)", "", *targets]
     for schedule in settings["schedules"]:
         mine = [row for row in result["rows"] if row["schedule"] == schedule["name"]]
         if not mine:

@@ -20,13 +20,13 @@ fi
 printf '%s\n' "${KANDINSKY_KEY_SOURCE:-"{}"}" > "$(key_dir)/source.json"
 
 # Pinned hub revisions (values checkpoint.*Revision): part of the key, and passed by the entrypoint to
-# `kandinsky-export onnx --prior-revision ...`. An image from before issue 12 has no such flags and exports
+# `kandinsky-export onnx --prior-revision ...`. An image older than the revision flags has none and exports
 # the default branches: say so.
 for variable in KANDINSKY_PRIOR_REVISION KANDINSKY_DECODER_REVISION KANDINSKY_DECODER_INPAINT_REVISION \
     KANDINSKY_CONTROLNET_REVISION; do
     if [[ -n "${!variable:-}" ]] && ! kandinsky-export onnx --help 2>/dev/null | grep -q -- '--prior-revision'; then
         log "WARNING: ${variable}=${!variable} is set, but this image's kandinsky-export has no --prior-revision" \
-            "(an image from before issue 12): the hub repositories' default branch is what gets exported"
+            "(an image older than the revision flags): the hub repositories' default branch is what gets exported"
     fi
 done
 

@@ -1,5 +1,5 @@
 """Building blocks of the generated repository: options, Triton config messages, files. Shared by
-`generate.py` (every flavour) and the GPU flavour modules (`gpu_backends.py` and the backend modules it
+`repository.py` (every flavour) and the GPU flavour modules (`gpu_backends.py` and the backend modules it
 calls), which import this module and not each other's.
 """
 

@@ -369,7 +369,7 @@ def shared_memory_bytes(
 
 
 def write_generation_model(output: Path, dims: ModelDims, options: RepositoryOptions) -> None:
-    """The `kandinsky` server-side generation model (see generation_config.py)."""
+    """The `kandinsky` server-side generation model (see kandinsky_model_config.py)."""
     configs = {path.parent.name: read_config(path.parent) for path in output.glob("*/config.pbtxt")}
     config = generation_config(configs, dims.embed_dim)
     set_parameters(
