@@ -33,20 +33,8 @@ from typing import Any
 
 from kandinsky_core.errors import InvalidRequest, KandinskyClientError
 from kandinsky_core.generation import Generation
-from kandinsky_core.request import (
-    CONTROLNET,
-    CONTROLNET_IMAGE_TO_IMAGE,
-    EMB2EMB,
-    FUSE,
-    IMAGE_TO_IMAGE,
-    INPAINT,
-    OUTPAINT,
-    TEXT_TO_IMAGE,
-    VARIATIONS,
-    GenerationRequest,
-    field_specs,
-    mode_fields,
-)
+from kandinsky_core.modes import MODES, Mode
+from kandinsky_core.request import GenerationRequest, field_specs, mode_fields, required_fields
 from tqdm.auto import tqdm
 
 from .pipeline import LOOPS, KandinskyClient
@@ -54,26 +42,8 @@ from .transport import DEFAULT_TIMEOUT_S, PROTOCOLS, check_timeout
 
 logger = logging.getLogger("kandinsky_client")
 
-# subcommand -> (mode, positional request fields, help)
-COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "generate": (TEXT_TO_IMAGE, ("prompt",), "text-to-image"),
-    "variations": (VARIATIONS, ("image",), "images like the input image (its CLIP embedding)"),
-    "fuse": (FUSE, ("images_and_prompts",), "a weighted mix of prompts and images (@file)"),
-    "img2img": (IMAGE_TO_IMAGE, ("image", "prompt"), "redraw an image following a prompt (decoder side)"),
-    "emb2emb": (EMB2EMB, ("image", "prompt"), "move an image's embedding towards a prompt (prior side)"),
-    "inpaint": (
-        INPAINT,
-        ("image", "mask_image", "prompt"),
-        "repaint the white part of a mask following a prompt",
-    ),
-    "outpaint": (OUTPAINT, ("image", "prompt"), "extend an image on any side following a prompt"),
-    "controlnet": (CONTROLNET, ("hint", "prompt"), "text-to-image following a depth map (ControlNet)"),
-    "controlnet-img2img": (
-        CONTROLNET_IMAGE_TO_IMAGE,
-        ("image", "hint", "prompt"),
-        "redraw an image following a prompt and a depth map (ControlNet)",
-    ),
-}
+# The subcommands are the modes' (`kandinsky_core.modes`: name, positional fields, help).
+# Help of a positional field where it differs from the field's own (a file rather than any image).
 _POSITIONAL_HELP = {
     "prompt": "what the image should show",
     "image": "input image file",
@@ -85,13 +55,16 @@ _ARG_TYPES = {"int": int, "float": float, "string": str, "strings": str, "image"
 _NOT_FLAGS = {"mode", "latents", "output_type"}  # the CLI writes PNG files from seeded noise
 
 
-def add_request_arguments(parser: argparse.ArgumentParser, mode: str, positional: tuple[str, ...]) -> None:
-    """One option per request field the mode uses; unset options keep the request's defaults."""
+def add_request_arguments(parser: argparse.ArgumentParser, mode: Mode) -> None:
+    """The mode's positional arguments, then one option per other request field the mode uses; unset
+    options keep the request's defaults."""
     specs = field_specs()
+    positional = mode.command.args
+    required = required_fields(mode.name)
     for name in positional:
         nargs = "+" if name == "images_and_prompts" else None
-        parser.add_argument(name, nargs=nargs, help=_POSITIONAL_HELP[name])
-    for name in mode_fields(mode):
+        parser.add_argument(name, nargs=nargs, help=_POSITIONAL_HELP.get(name, specs[name].metadata["help"]))
+    for name in mode_fields(mode.name):
         if name in positional or name in _NOT_FLAGS:
             continue
         spec = specs[name]
@@ -102,7 +75,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, mode: str, positional
             dest=name,
             type=float if wire == "floats" else _ARG_TYPES[wire],
             nargs="+" if wire == "floats" else None,
-            required=spec.metadata["required"],
+            required=name in required,
             default=argparse.SUPPRESS,
             help=spec.metadata["help"] + default,
         )
@@ -151,8 +124,13 @@ def save_images(generation: Generation, output: Path) -> list[Path]:
     return paths
 
 
+def command_mode(command: str) -> Mode:
+    """The mode whose subcommand is `command`."""
+    return next(mode for mode in MODES.values() if mode.command.name == command)
+
+
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
-    mode = COMMANDS[args.command][0]
+    mode = command_mode(args.command).name
     options = {name: getattr(args, name) for name in mode_fields(mode) if hasattr(args, name)}
     if "images_and_prompts" in options:  # "@file" is an image file, anything else a prompt
         options["images_and_prompts"] = [
@@ -169,14 +147,14 @@ def run(args: argparse.Namespace) -> Generation:
     with KandinskyClient(
         args.url, protocol=args.protocol, timeout_s=args.timeout, loop=loop, token=args.token
     ) as client:
-        total = client.total_steps(request)
-        with tqdm(total=total, desc="denoising", unit="step", disable=args.no_progress) as bar:
+        plan = client.plan(request)  # checked once: its step count sizes the bar, then it runs
+        with tqdm(total=plan.total_steps, desc="denoising", unit="step", disable=args.no_progress) as bar:
 
             def advance(stage: str, step: int, timestep: int, latents: Any) -> None:
                 bar.set_postfix_str(stage, refresh=False)
                 bar.update(1)
 
-            return client.generate(request, callback_on_step_end=advance)
+            return client.generate(plan, callback_on_step_end=advance)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kandinsky-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command, (mode, positional, help_text) in COMMANDS.items():
-        mode_parser = sub.add_parser(command, help=help_text, description=f"{help_text} (mode {mode})")
-        add_request_arguments(mode_parser, mode, positional)
+    for mode in MODES.values():
+        command = mode.command
+        mode_parser = sub.add_parser(
+            command.name, help=command.help, description=f"{command.help} (mode {mode.name})"
+        )
+        add_request_arguments(mode_parser, mode)
         add_output_arguments(mode_parser)
         add_connection_arguments(mode_parser)
     return parser

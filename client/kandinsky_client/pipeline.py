@@ -12,33 +12,24 @@ return the same `Generation`; both check the request here first, with the same m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kandinsky_core.errors import InvalidRequest
-from kandinsky_core.generation import Generation, Generator, StepCallback
+from kandinsky_core.generation import Generation, Generator, Plan, StepCallback
+from kandinsky_core.modes import MODES, Mode
 from kandinsky_core.noise import NoiseSource
-from kandinsky_core.request import (
-    CONTROLNET,
-    CONTROLNET_IMAGE_TO_IMAGE,
-    EMB2EMB,
-    FUSE,
-    IMAGE_TO_IMAGE,
-    INPAINT,
-    OUTPAINT,
-    TEXT_TO_IMAGE,
-    VARIATIONS,
-    GenerationRequest,
-)
+from kandinsky_core.request import GenerationRequest
 from kandinsky_core.server_info import ServerInfo
-from kandinsky_core.validation import check_request
+from kandinsky_core.validation import plan_request
 from kandinsky_core.wire import MODEL_NAME
 
 from .remote import PreviewCallback, RemoteGenerator
 from .retry import NO_RETRY, RetryPolicy, with_retries
 from .transport import DEFAULT_TIMEOUT_S, TritonTransport
 
-__all__ = ["LOOPS", "Generation", "GenerationRequest", "KandinskyClient", "ServerInfo"]
+__all__ = ["LOOPS", "Generation", "GenerationRequest", "KandinskyClient", "Plan", "ServerInfo"]
 
 LOOPS = ("client", "server")
 
@@ -97,28 +88,34 @@ class KandinskyClient:
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """`request` checked against this server's limits and normalised (InvalidRequest otherwise)."""
-        return check_request(request, self.info)
+        return self.plan(request).request
+
+    def plan(self, request: GenerationRequest) -> Plan:
+        """`request` checked and planned: its schedulers and step counts (`total_steps`), ready for
+        `generate` (which then neither checks nor builds a scheduler again)."""
+        return plan_request(request, self.info)
 
     def total_steps(self, request: GenerationRequest) -> int:
         """How many denoising steps (step callbacks) the request runs, for progress bars."""
-        return self.generator.total_steps(self.check(request))
+        return self.plan(request).total_steps
 
     def generate(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | Plan,
         *,
         callback_on_step_end: StepCallback | None = None,
         noise: NoiseSource | None = None,
         on_preview: PreviewCallback | None = None,
         preview_every: int = 0,
     ) -> Generation:
-        """Run one request on this client's loop."""
-        checked = self.check(request)
+        """Run one request (or its `plan`) on this client's loop."""
+        plan = request if isinstance(request, Plan) else self.plan(request)
+        checked = plan.request
         if self.loop == "client":
             if on_preview is not None:
                 raise InvalidRequest("on_preview", "previews come from the server loop (loop='server')")
             self.transport.require_ready(self.generator.required_models(checked.mode))
-            return self.generator.generate(checked, noise, callback_on_step_end)
+            return self.generator.generate(plan, noise, callback_on_step_end)
         if noise is not None:
             raise InvalidRequest("noise", "replayed noise needs the client-side loop (loop='client')")
         self.transport.require_ready([MODEL_NAME])
@@ -133,7 +130,7 @@ class KandinskyClient:
         # The seed drawn by the check goes to the server, so the result is the same on any try or replica.
         def attempt() -> Generation:
             return remote.generate(
-                request.with_values(seed=checked.seed),
+                plan.source.with_values(seed=checked.seed),
                 callback_on_step_end=callback_on_step_end,
                 on_preview=on_preview,
                 preview_every=preview_every,
@@ -151,6 +148,9 @@ class KandinskyClient:
             "latents": (batch, self.info.dims.latent_channels, *latent),
         }
 
+    # The mode methods (`text_to_image`, `inpaint`, ...: one per mode, named after it) are made from the
+    # modes' definitions (`kandinsky_core.modes`) by `add_mode_methods` below.
+
     def _run(self, mode: str, options: dict[str, Any]) -> Generation:
         extras = {
             k: options.pop(k)
@@ -158,58 +158,6 @@ class KandinskyClient:
             if k in options
         }
         return self.generate(GenerationRequest.build(mode, **options), **extras)
-
-    # -- modes (the keywords are GenerationRequest fields; see the class docstring) ----------------
-
-    def text_to_image(self, prompt: Any, **options: Any) -> Generation:
-        """Prompt(s) -> images, as KandinskyV22PriorPipeline followed by KandinskyV22Pipeline."""
-        return self._run(TEXT_TO_IMAGE, {"prompt": prompt, **options})
-
-    def variations(self, image: Any, **options: Any) -> Generation:
-        """Images like `image`: its CLIP embedding decoded, the zero-image embedding as the negative."""
-        return self._run(VARIATIONS, {"image": image, **options})
-
-    def fuse(self, images_and_prompts: Any, weights: Any, **options: Any) -> Generation:
-        """KandinskyV22PriorPipeline.interpolate of weighted prompts and images, then decoded."""
-        return self._run(FUSE, {"images_and_prompts": images_and_prompts, "weights": weights, **options})
-
-    def image_to_image(self, image: Any, prompt: Any, **options: Any) -> Generation:
-        """Redraw `image` towards the prompt; `strength` in (0, 1] is the part of the decoder schedule run.
-
-        The output has `height`/`width`, by default the image's; the image is resized to it first.
-        (diffusers 0.42.1 passes (width, height) swapped to its image processor, so for a non-square size
-        it resizes to the transposed shape; here the output has the requested height and width.)
-        """
-        return self._run(IMAGE_TO_IMAGE, {"image": image, "prompt": prompt, **options})
-
-    def emb2emb(self, image: Any, prompt: Any, **options: Any) -> Generation:
-        """Image-to-image on the prior side: the prior starts from the image's CLIP embedding."""
-        return self._run(EMB2EMB, {"image": image, "prompt": prompt, **options})
-
-    def inpaint(self, image: Any, mask_image: Any, prompt: Any, **options: Any) -> Generation:
-        """Repaint the white part of `mask_image` (the image's size) following the prompt."""
-        return self._run(INPAINT, {"image": image, "mask_image": mask_image, "prompt": prompt, **options})
-
-    def outpaint(self, image: Any, prompt: Any, **options: Any) -> Generation:
-        """Extend `image` by `left`/`top`/`right`/`bottom` pixels and paint the new area (edge pixels
-        repeated, then masked); the canvas must fit the server's maximum image size."""
-        return self._run(OUTPAINT, {"image": image, "prompt": prompt, **options})
-
-    def controlnet(self, prompt: Any, hint: Any, **options: Any) -> Generation:
-        """Text-to-image following a depth map, as KandinskyV22PriorPipeline + KandinskyV22ControlnetPipeline.
-
-        `hint` is the depth map (grayscale or RGB image, bright = near, e.g. transformers'
-        depth-estimation output) at the output size; `height`/`width` default to its size. It reaches
-        the UNet as pixel / 255 on 3 channels, as diffusers' documented `make_hint` prepares it.
-        """
-        return self._run(CONTROLNET, {"prompt": prompt, "hint": hint, **options})
-
-    def controlnet_image_to_image(self, image: Any, prompt: Any, hint: Any, **options: Any) -> Generation:
-        """Redraw `image` following the prompt and a depth map (KandinskyV22ControlnetImg2ImgPipeline);
-        `strength` as in `image_to_image`. The image is resized to the output size, the hint is not."""
-        return self._run(
-            CONTROLNET_IMAGE_TO_IMAGE, {"image": image, "prompt": prompt, "hint": hint, **options}
-        )
 
     def close(self) -> None:
         self.transport.close()
@@ -219,3 +167,42 @@ class KandinskyClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def mode_method(mode: Mode) -> Callable[..., Generation]:
+    """The `KandinskyClient` method of `mode`, from its definition: its positional parameters (request
+    fields), then any request field as a keyword; named, documented and inspectable as a written one."""
+    parameters = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Any")
+            for n in mode.method.args
+        ),
+        inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD, annotation="Any"),
+    ]
+    # String annotations: what the written methods had under `from __future__ import annotations`.
+    signature = inspect.Signature(parameters, return_annotation="Generation")
+
+    def method(self: KandinskyClient, *args: Any, **options: Any) -> Generation:
+        try:
+            bound = signature.bind(self, *args, **options)
+        except TypeError as error:
+            raise TypeError(f"{method.__qualname__}() {error}") from None
+        named = {name: bound.arguments[name] for name in mode.method.args}
+        return self._run(mode.name, {**named, **bound.arguments.get("options", {})})
+
+    method.__name__ = mode.name
+    method.__qualname__ = f"{KandinskyClient.__qualname__}.{mode.name}"
+    method.__doc__ = mode.method.doc
+    method.__signature__ = signature  # type: ignore[attr-defined]
+    return method
+
+
+def add_mode_methods(cls: type[KandinskyClient]) -> None:
+    """Give `cls` the method of every mode in `MODES` it lacks (KandinskyClient gets them on import)."""
+    for mode in MODES.values():
+        if not hasattr(cls, mode.name):
+            setattr(cls, mode.name, mode_method(mode))
+
+
+add_mode_methods(KandinskyClient)

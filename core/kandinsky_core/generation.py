@@ -8,21 +8,11 @@ network evaluation is one `infer` call, so the same code runs
 - on the client, where `infer` is a gRPC/HTTP request (`transport.TritonTransport`), and
 - inside the server, where `infer` is a BLS request (the `kandinsky` python model).
 
-There is one denoising loop (`denoise`); modes differ in the initial latents, the timesteps, the model
-input of a step and an optional blend after a step (`DecoderStart`). Each mode is one method of
-`Generator`, listed in `Generator.MODES`.
-
-| mode             | diffusers                                                                   |
-|------------------|-----------------------------------------------------------------------------|
-| `text_to_image`  | KandinskyV22PriorPipeline + KandinskyV22Pipeline                            |
-| `variations`     | the image's CLIP embedding (as `interpolate` encodes images) + KandinskyV22Pipeline |
-| `fuse`           | KandinskyV22PriorPipeline.interpolate + KandinskyV22Pipeline                |
-| `image_to_image` | KandinskyV22PriorPipeline + KandinskyV22Img2ImgPipeline                     |
-| `emb2emb`        | KandinskyV22PriorEmb2EmbPipeline + KandinskyV22Pipeline                     |
-| `inpaint`        | KandinskyV22PriorPipeline + KandinskyV22InpaintPipeline                     |
-| `outpaint`       | `inpaint` on a larger canvas whose new area is the mask                     |
-| `controlnet`     | KandinskyV22PriorPipeline + KandinskyV22ControlnetPipeline                  |
-| `controlnet_image_to_image` | KandinskyV22PriorPipeline + KandinskyV22ControlnetImg2ImgPipeline |
+There is one denoising loop (`denoise`). A mode (`modes.py`) is made of parts: how the image
+embeddings are made (`Embeddings`: the prior on a prompt, an image's CLIP embedding, fusion, Emb2Emb),
+how the decoder loop starts (`Decoder`: noise, a noised picture, inpainting) and its UNet. A `Plan` is a
+checked request with the schedulers and timesteps of its loops, made once per request: the step counts
+of progress reports come from it, and `Generator.generate` runs it part by part.
 """
 
 from __future__ import annotations
@@ -30,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,22 +39,19 @@ from .images import (
     resize_for_movq,
     rgb_array,
 )
-from .noise import NoiseSource, SeededNoise
-from .request import (
-    CONTROLNET,
-    CONTROLNET_IMAGE_TO_IMAGE,
-    DECODER_STRENGTH_MODES,
-    EMB2EMB,
-    FUSE,
-    IMAGE_TO_IMAGE,
-    INPAINT,
-    MODE_MODELS,
-    OUTPAINT,
-    TEXT_TO_IMAGE,
-    VARIATIONS,
-    GenerationRequest,
-    decoder_unet,
+from .modes import (
+    CANVAS_PICTURE,
+    FUSION,
+    IMAGE_EMBEDDING,
+    IMAGE_PRIOR,
+    MODES,
+    PROMPT_PRIOR,
+    Decoder,
+    Mode,
+    fusion_runs_negative_prior,
 )
+from .noise import NoiseSource, SeededNoise
+from .request import GenerationRequest
 from .schedulers import (
     decoder_scheduler_from_config,
     inpaint_known_latents,
@@ -114,13 +101,102 @@ def apply_guidance(output: np.ndarray, guidance_scale: float, channels: int | No
     return result.astype(np.float32, copy=False)
 
 
-def decoder_scheduler(info: ServerInfo, request: GenerationRequest) -> Any:
-    """A fresh decoder scheduler for `request`: its class and overrides on the UNet's checkpoint config.
+def new_decoder_scheduler(info: ServerInfo, request: GenerationRequest) -> Any:
+    """A new decoder scheduler for `request`: its class and overrides on its mode's UNet's checkpoint config.
 
-    A scheduler object serves one loop (multistep schedulers keep state between steps).
+    A request builds one, in its check (`validation.plan_request`); its `Plan` keeps it for the loop.
     """
-    config = info.decoder_scheduler_config(decoder_unet(request.mode))
+    config = info.decoder_scheduler_config(MODES[request.mode].unet.spec.name)
     return decoder_scheduler_from_config(config, request.scheduler, request.scheduler_config)
+
+
+def _loop_timesteps(scheduler: Any, num_inference_steps: int, strength: float | None) -> np.ndarray:
+    """The timesteps one loop runs: every one, or the last part that `strength` keeps (diffusers'
+    get_timesteps, as the image-to-image pipelines and Emb2Emb start)."""
+    if strength is None:
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler.timesteps
+    return scheduler_strength_timesteps(scheduler, num_inference_steps, strength)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A checked request with its mode, the schedulers of its loops and their timesteps, made once.
+
+    The step counts (`loop_steps`, `total_steps`) come from these timesteps, and the loops run these
+    very scheduler objects on them. The one decoder loop uses `decoder_scheduler` (`start_decoder` resets
+    its state first: the multistep schedulers keep state between steps, so a plan may run again). Every
+    prior loop of the request (fusion runs several) shares `prior_scheduler`: it is always UnCLIP, whose
+    `step` keeps no state (the next timestep is passed in).
+    """
+
+    request: GenerationRequest  # checked (validation.check_request)
+    mode: Mode
+    decoder_scheduler: Any
+    decoder_timesteps: np.ndarray  # image-to-image: the part of the schedule that `strength` keeps
+    prior_scheduler: Any | None  # None when the mode runs no prior
+    prior_timesteps: np.ndarray | None  # of each prior loop; Emb2Emb: the part that `strength` keeps
+    source: GenerationRequest  # the request as given, before normalisation (what the server loop sends)
+
+    @classmethod
+    def of(
+        cls,
+        request: GenerationRequest,
+        info: ServerInfo,
+        decoder_scheduler: Any = None,
+        source: GenerationRequest | None = None,
+    ) -> Plan:
+        """The plan of a checked `request`; `decoder_scheduler` is the one its check built (else built here)."""
+        mode = MODES[request.mode]
+        if decoder_scheduler is None:
+            decoder_scheduler = new_decoder_scheduler(info, request)
+        strength = request.strength
+        decoder_timesteps = _loop_timesteps(
+            decoder_scheduler, request.num_inference_steps, strength if mode.decoder.strength else None
+        )
+        prior_scheduler = prior_timesteps = None
+        if mode.embeddings.uses_prior:
+            prior_scheduler = prior_scheduler_from_config(info.prior_scheduler)
+            prior_timesteps = _loop_timesteps(
+                prior_scheduler,
+                request.prior_num_inference_steps,
+                strength if mode.embeddings.strength else None,
+            )
+        return cls(
+            request,
+            mode,
+            decoder_scheduler,
+            decoder_timesteps,
+            prior_scheduler,
+            prior_timesteps,
+            request if source is None else source,
+        )
+
+    @property
+    def prior_runs(self) -> int:
+        """Prior loops that call the step callback (fusion: one per prompt item, plus the negative's)."""
+        return self.mode.embeddings.prior_runs(self.request)
+
+    @property
+    def loop_steps(self) -> dict[str, int]:
+        """Steps of one prior loop and of the decoder loop."""
+        prior = 0 if self.prior_timesteps is None else len(self.prior_timesteps)
+        return {PRIOR_STAGE: prior, DECODER_STAGE: len(self.decoder_timesteps)}
+
+    @property
+    def total_steps(self) -> int:
+        """How many times the generation calls the step callback (for progress bars)."""
+        steps = self.loop_steps
+        return self.prior_runs * steps[PRIOR_STAGE] + steps[DECODER_STAGE]
+
+    def start_decoder(self) -> tuple[Any, np.ndarray]:
+        """The decoder scheduler with its loop state reset, and the loop's timesteps.
+
+        `set_timesteps` starts a scheduler over; the stored timesteps came from the very same call (the
+        strength slicing only reads the schedule), so they still hold.
+        """
+        self.decoder_scheduler.set_timesteps(self.request.num_inference_steps)
+        return self.decoder_scheduler, self.decoder_timesteps
 
 
 def scheduler_stage(stage: str) -> str:
@@ -193,10 +269,6 @@ def denoise(
     return latents
 
 
-# What a mode returns: (image_embeds, negative_image_embeds, final decoder latents).
-_ModeResult = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
 def _timestep_batch(t: int, batch: int) -> np.ndarray:
     return np.full((batch,), t, dtype=np.int64)
 
@@ -215,6 +287,14 @@ class DecoderStart:
     shared_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def decoder_picture(request: GenerationRequest, part: Decoder) -> tuple[Image.Image, Image.Image | None]:
+    """The picture a decoder loop starts from and its mask (white = repaint; None outside inpainting):
+    the input image, or for outpainting the image on its extended canvas with the new area masked."""
+    if part.picture == CANVAS_PICTURE:
+        return outpaint_canvas(request.image, request.left, request.top, request.right, request.bottom)
+    return request.image, request.mask_image
+
+
 class Generator:
     """Runs generation requests through an `Infer`; `info` describes the served checkpoint."""
 
@@ -227,14 +307,19 @@ class Generator:
 
     def generate(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | Plan,
         noise: NoiseSource | None = None,
         callback_on_step_end: StepCallback | None = None,
     ) -> Generation:
-        """Run a request checked by `validation.check_request`. `noise` overrides its seed (parity tests)."""
+        """Run a plan (`validation.plan_request`), or a request checked by `validation.check_request`
+        (planned here). `noise` overrides its seed (parity tests)."""
+        plan = request if isinstance(request, Plan) else Plan.of(request, self.info)
+        request = plan.request
         run = _Run(noise or SeededNoise(request.seed), callback_on_step_end)
         with run.timed("total"):
-            image_embeds, negative, latents = self.MODES[request.mode](self, request, run)
+            image_embeds, negative = self.embeddings(plan, run)
+            start = self.decoder_start(plan, len(image_embeds), run)
+            latents = self._decode_from(request, start, image_embeds, negative, run)
             images = self.output(latents, request.output_type, run, self.movq(request.mode))
         return Generation(images, image_embeds, negative, request.seed, run.timings)
 
@@ -253,131 +338,35 @@ class Generator:
     def movq(self, mode: str) -> registry.MovqModels:
         """The MoVQ a mode encodes and decodes with: inpainting and outpainting use the inpainting repo's
         own where the server serves it (it differs from the decoder's), as diffusers' inpaint pipeline does."""
-        if mode in (INPAINT, OUTPAINT) and self.info.inpaint_own_movq:
+        if MODES[mode].decoder.inpainting and self.info.inpaint_own_movq:
             return registry.INPAINT_MOVQ
         return registry.MOVQ
 
     def required_models(self, mode: str) -> tuple[str, ...]:
-        """The served models `mode` needs here: MODE_MODELS, with the MoVQ ensembles of `movq(mode)`."""
+        """The served models `mode` needs here: its definition's, with the MoVQ ensembles of `movq(mode)`."""
         movq = self.movq(mode)
         own = {
             registry.ENCODE_LATENTS.name: movq.encode_latents.name,
             registry.DECODE_IMAGE.name: movq.decode_image.name,
         }
-        return tuple(own.get(name, name) for name in MODE_MODELS[mode])
+        return tuple(own.get(name, name) for name in MODES[mode].models)
 
-    def loop_steps(self, request: GenerationRequest) -> dict[str, int]:
-        """Steps of one prior loop and of the decoder loop of a checked request (strength cuts them)."""
-        prior = prior_scheduler_from_config(self.info.prior_scheduler)
-        decoder = decoder_scheduler(self.info, request)
-        if request.mode == EMB2EMB:
-            prior_steps = scheduler_strength_timesteps(
-                prior, request.prior_num_inference_steps, request.strength
-            )[1]
-        else:
-            prior_steps = request.prior_num_inference_steps
-        if request.mode in DECODER_STRENGTH_MODES:
-            decoder_steps = scheduler_strength_timesteps(
-                decoder, request.num_inference_steps, request.strength
-            )[1]
-        else:
-            decoder.set_timesteps(request.num_inference_steps)
-            decoder_steps = len(decoder.timesteps)
-        return {PRIOR_STAGE: prior_steps, DECODER_STAGE: decoder_steps}
-
-    def total_steps(self, request: GenerationRequest) -> int:
-        """How many times a checked request calls the step callback (for progress bars)."""
-        if request.mode == VARIATIONS:
-            prior_runs = 0
-        elif request.mode == FUSE:
-            prior_runs = sum(isinstance(item, str) for item in request.images_and_prompts)
-            prior_runs += bool(request.negative_prompt) or request.negative_prior_prompt is not None
-        else:
-            prior_runs = 1
-        steps = self.loop_steps(request)
-        return prior_runs * steps[PRIOR_STAGE] + steps[DECODER_STAGE]
-
-    # -- modes: (request, run) -> (image_embeds, negative_image_embeds, final decoder latents) -----
-
-    def _text_to_image(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        image_embeds, negative = self._prior_for(request, run)
-        return self._from_noise(request, image_embeds, negative, run)
-
-    def _variations(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        count = request.num_images_per_prompt
-        image_embeds = np.repeat(self.encode_image(request.image, run), count, axis=0)
-        return self._from_noise(request, image_embeds, self.zero_image_embeds(count), run)
-
-    def _fuse(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        image_embeds, negative = self.interpolate(request, run)
-        return self._from_noise(request, image_embeds, negative, run)
-
-    def _image_to_image(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        image_embeds, negative = self._prior_for(request, run)
-        picture = resize_for_movq(request.image, request.height, request.width)
-        start = self.decoder_from_image(request, len(image_embeds), self.encode_latents(picture, run), run)
-        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
-
-    def _emb2emb(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        initial = np.repeat(self.encode_image(request.image, run), request.num_images_per_prompt, axis=0)
-        image_embeds, negative = self._prior_for(request, run, initial)
-        return self._from_noise(request, image_embeds, negative, run)
-
-    def _inpaint(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        return self._inpaint_picture(request, request.image, request.mask_image, run)
-
-    def _outpaint(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        margins = (request.left, request.top, request.right, request.bottom)
-        canvas, mask = outpaint_canvas(request.image, *margins)
-        return self._inpaint_picture(request, canvas, mask, run)
-
-    def _inpaint_picture(
-        self, request: GenerationRequest, picture: Image.Image, mask: Image.Image, run: _Run
-    ) -> _ModeResult:
-        image_embeds, negative = self._prior_for(request, run)
-        height, width = request.height, request.width
-        picture_rgb = resize_for_movq(picture, height, width)
-        image_latents = self.encode_latents(picture_rgb, run, self.movq(request.mode))
-        keep = latent_keep_mask(repaint_mask(mask, height, width), image_latents.shape[-2:])
-        start = self.decoder_inpainting(request, len(image_embeds), image_latents, keep, run)
-        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
-
-    def _from_noise(
-        self, request: GenerationRequest, image_embeds: np.ndarray, negative: np.ndarray, run: _Run
-    ) -> _ModeResult:
-        start = self.decoder_from_noise(request, len(image_embeds), run)
-        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
-
-    def _controlnet(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        """KandinskyV22ControlnetPipeline: text-to-image whose UNet also sees the hint."""
-        image_embeds, negative = self._prior_for(request, run)
-        start = self.with_hint(self.decoder_from_noise(request, len(image_embeds), run), request)
-        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
-
-    def _controlnet_image_to_image(self, request: GenerationRequest, run: _Run) -> _ModeResult:
-        """KandinskyV22ControlnetImg2ImgPipeline: image-to-image whose UNet also sees the hint."""
-        image_embeds, negative = self._prior_for(request, run)
-        picture = resize_for_movq(request.image, request.height, request.width)
-        start = self.decoder_from_image(request, len(image_embeds), self.encode_latents(picture, run), run)
-        start = self.with_hint(start, request)
-        return image_embeds, negative, self._decode_from(request, start, image_embeds, negative, run)
-
-    @staticmethod
-    def with_hint(start: DecoderStart, request: GenerationRequest) -> DecoderStart:
-        """`start` on the ControlNet UNet, with the request's hint (checked to have the output's size)."""
-        return replace(start, spec=registry.UNET_CONTROLNET, shared_inputs={"hint": hint_array(request.hint)})
-
-    MODES: dict[str, Callable[[Generator, GenerationRequest, _Run], _ModeResult]] = {
-        TEXT_TO_IMAGE: _text_to_image,
-        VARIATIONS: _variations,
-        FUSE: _fuse,
-        IMAGE_TO_IMAGE: _image_to_image,
-        EMB2EMB: _emb2emb,
-        INPAINT: _inpaint,
-        OUTPAINT: _outpaint,
-        CONTROLNET: _controlnet,
-        CONTROLNET_IMAGE_TO_IMAGE: _controlnet_image_to_image,
-    }
+    def embeddings(self, plan: Plan, run: _Run) -> tuple[np.ndarray, np.ndarray]:
+        """The image embeddings and their negatives, made as the mode's `Embeddings` part says."""
+        part, request = plan.mode.embeddings, plan.request
+        if part is PROMPT_PRIOR:
+            return self._prior_for(plan, run)
+        if part is IMAGE_PRIOR:  # Emb2Emb: the prior starts from the image's embedding
+            count = request.num_images_per_prompt
+            initial = np.repeat(self.encode_image(request.image, run), count, axis=0)
+            return self._prior_for(plan, run, initial)
+        if part is IMAGE_EMBEDDING:
+            count = request.num_images_per_prompt
+            image_embeds = np.repeat(self.encode_image(request.image, run), count, axis=0)
+            return image_embeds, self.zero_image_embeds(count)
+        if part is FUSION:
+            return self.interpolate(plan, run)
+        raise ValueError(f"mode {plan.mode.name}: no generation code for embeddings {part.name!r}")
 
     # -- encoders --------------------------------------------------------------------------------
 
@@ -413,18 +402,12 @@ class Generator:
     # -- prior -----------------------------------------------------------------------------------
 
     def _prior_for(
-        self, request: GenerationRequest, run: _Run, initial: np.ndarray | None = None
+        self, plan: Plan, run: _Run, initial: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The prior on the request's prompts (Emb2Emb from `initial` image embeddings when given)."""
+        request = plan.request
         return self.prior_embeddings(
-            request.prompt,
-            request.negative_prompt,
-            num_images_per_prompt=request.num_images_per_prompt,
-            num_inference_steps=request.prior_num_inference_steps,
-            guidance_scale=request.prior_guidance_scale,
-            run=run,
-            initial=initial,
-            strength=request.strength if initial is not None else 1.0,
+            request.prompt, request.negative_prompt, plan=plan, run=run, initial=initial
         )
 
     def run_prior(
@@ -432,19 +415,20 @@ class Generator:
         prompts: Sequence[str],
         uncond_prompts: Sequence[str],
         *,
-        num_images_per_prompt: int,
-        num_inference_steps: int,
-        guidance_scale: float,
+        plan: Plan,
         run: _Run,
         initial: np.ndarray | None = None,
-        strength: float = 1.0,
     ) -> dict[str, np.ndarray]:
         """KandinskyV22PriorPipeline's loop for `prompts`; returns image_embeds and zero_image_embeds.
 
-        With `initial` image embeddings (KandinskyV22PriorEmb2EmbPipeline) the loop starts from them,
-        tiled over the batch and noised at the first of the timesteps `strength` keeps, instead of from
-        noise. Like diffusers, the raw CLIP embedding is noised as it is (not normalised with clip_mean/std).
+        It runs the plan's prior scheduler on the plan's prior timesteps, with the request's images per
+        prompt and guidance scale. With `initial` image embeddings (KandinskyV22PriorEmb2EmbPipeline) the
+        loop starts from them, tiled over the batch and noised at the first of the timesteps (those
+        `strength` keeps), instead of from noise. Like diffusers, the raw CLIP embedding is noised as it
+        is (not normalised with clip_mean/std).
         """
+        num_images_per_prompt = plan.request.num_images_per_prompt
+        guidance_scale = plan.request.prior_guidance_scale
         do_cfg = guidance_scale > 1.0
         with run.timed("encode_prompt"):
             encoded = self.encode_prompts(list(uncond_prompts) + list(prompts) if do_cfg else list(prompts))
@@ -456,14 +440,11 @@ class Generator:
             conditioning = {k: np.repeat(v, num_images_per_prompt, axis=0) for k, v in conditioning.items()}
 
         with run.timed(PRIOR_STAGE):
-            scheduler = prior_scheduler_from_config(self.info.prior_scheduler)
-            scheduler.set_timesteps(num_inference_steps)
-            timesteps = scheduler.timesteps
+            scheduler, timesteps = plan.prior_scheduler, plan.prior_timesteps
             shape = (len(prompts) * num_images_per_prompt, self.info.dims.embed_dim)
             if initial is None:
                 latents = run.noise.randn(shape) * np.float32(scheduler.init_noise_sigma)
             else:
-                timesteps, _ = scheduler_strength_timesteps(scheduler, num_inference_steps, strength)
                 if shape[0] % len(initial):
                     raise ValueError(
                         f"cannot tile {len(initial)} image embeddings over a batch of {shape[0]}"
@@ -502,12 +483,9 @@ class Generator:
         prompts: Sequence[str],
         negative_prompt: Sequence[str] | None,
         *,
-        num_images_per_prompt: int,
-        num_inference_steps: int,
-        guidance_scale: float,
+        plan: Plan,
         run: _Run,
         initial: np.ndarray | None = None,
-        strength: float = 1.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Positive and negative image embeddings with diffusers' negative-prompt semantics.
 
@@ -520,60 +498,43 @@ class Generator:
         else:
             prompts = prompts + list(negative_prompt)
             uncond = list(negative_prompt) * 2
-        out = self.run_prior(
-            prompts,
-            uncond,
-            num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            run=run,
-            initial=initial,
-            strength=strength,
-        )
+        out = self.run_prior(prompts, uncond, plan=plan, run=run, initial=initial)
         if negative_prompt is None:
             return out["image_embeds"], out["zero_image_embeds"]
         positive, negative = np.split(out["image_embeds"], 2)
         return positive, negative
 
-    def skip_prior(self, batch: int, num_inference_steps: int, noise: NoiseSource) -> None:
+    def skip_prior(self, plan: Plan, batch: int, noise: NoiseSource) -> None:
         """Consume the random draws of a prior run whose result diffusers computes and discards.
 
         `KandinskyV22PriorPipeline.interpolate` always runs the prior on its `negative_prompt`, even when
         it then returns the zero-image embedding. Skipping the network calls but not the draws keeps every
         later draw (the decoder's) where diffusers has it: the scheduler runs on a constant prediction.
         """
-        scheduler = prior_scheduler_from_config(self.info.prior_scheduler)
-        scheduler.set_timesteps(num_inference_steps)
         latents = noise.randn((batch, self.info.dims.embed_dim))
         denoise(
             latents,
-            scheduler.timesteps,
-            scheduler,
+            plan.prior_timesteps,
+            plan.prior_scheduler,
             lambda x, t: np.zeros_like(x),
             noise,
             pass_prev_timestep=True,
         )
 
-    def interpolate(self, request: GenerationRequest, run: _Run) -> tuple[np.ndarray, np.ndarray]:
+    def interpolate(self, plan: Plan, run: _Run) -> tuple[np.ndarray, np.ndarray]:
         """KandinskyV22PriorPipeline.interpolate: the weighted sum of the items' image embeddings.
 
         A prompt runs the prior (with `negative_prior_prompt` as its negative); an image is CLIP-encoded.
         The negative embedding is the zero-image embedding when `negative_prompt` is empty (the prior
         output of `negative_prior_prompt` when that is given), else the prior output of `negative_prompt`.
         """
+        request = plan.request
         per_prompt = request.num_images_per_prompt
         negative_prior = None if request.negative_prior_prompt is None else [request.negative_prior_prompt]
         negative_prompt = request.negative_prompt or ""
 
         def prior(prompt: str) -> tuple[np.ndarray, np.ndarray]:
-            return self.prior_embeddings(
-                [prompt],
-                negative_prior,
-                num_images_per_prompt=per_prompt,
-                num_inference_steps=request.prior_num_inference_steps,
-                guidance_scale=request.prior_guidance_scale,
-                run=run,
-            )
+            return self.prior_embeddings([prompt], negative_prior, plan=plan, run=run)
 
         weighted = []
         for item, weight in zip(request.images_and_prompts, request.weights, strict=True):
@@ -585,10 +546,8 @@ class Generator:
         image_embeds = np.sum(np.stack(weighted), axis=0, dtype=np.float32)
 
         # diffusers always runs the prior once more on `negative_prompt`, and keeps what it needs of it.
-        if negative_prompt == "" and negative_prior is None:
-            self.skip_prior(
-                per_prompt, request.prior_num_inference_steps, run.noise
-            )  # the zero-image embedding
+        if not fusion_runs_negative_prior(request):
+            self.skip_prior(plan, per_prompt, run.noise)  # the zero-image embedding
             negative = self.zero_image_embeds(per_prompt)
         elif negative_prompt == "":
             negative = prior("")[1]
@@ -607,44 +566,64 @@ class Generator:
             return np.array(request.latents, dtype=np.float32)
         return run.noise.randn(self._latent_shape(request, batch))
 
-    def decoder_from_noise(self, request: GenerationRequest, batch: int, run: _Run) -> DecoderStart:
-        """KandinskyV22Pipeline: noise scaled by the scheduler's init_noise_sigma, every timestep."""
-        scheduler = decoder_scheduler(self.info, request)
-        scheduler.set_timesteps(request.num_inference_steps)
-        latents = self._initial_noise(request, batch, run) * np.float32(scheduler.init_noise_sigma)
-        return DecoderStart(registry.UNET, scheduler, scheduler.timesteps, latents)
+    def decoder_start(self, plan: Plan, batch: int, run: _Run) -> DecoderStart:
+        """Where the decoder loop starts, as the mode's `Decoder` part says, on the mode's UNet (with the
+        request's hint, which only the ControlNet modes take)."""
+        request, part = plan.request, plan.mode.decoder
+        scheduler, timesteps = plan.start_decoder()
+        extra_channels = after_step = None
+        if part.picture is None:  # KandinskyV22Pipeline: noise scaled by init_noise_sigma
+            latents = self._initial_noise(request, batch, run) * np.float32(scheduler.init_noise_sigma)
+        else:
+            picture, mask = decoder_picture(request, part)
+            rgb = resize_for_movq(picture, request.height, request.width)
+            image_latents = self.encode_latents(rgb, run, self.movq(request.mode))
+            if part.inpainting:
+                repaint = repaint_mask(mask, request.height, request.width)
+                keep = latent_keep_mask(repaint, image_latents.shape[-2:])
+                latents, extra_channels, after_step = self.inpainting_start(
+                    request, scheduler, timesteps, batch, image_latents, keep, run
+                )
+            else:
+                latents = self.noised_image(request, scheduler, timesteps, batch, image_latents, run)
+        hint = {} if request.hint is None else {"hint": hint_array(request.hint)}
+        return DecoderStart(
+            plan.mode.unet.spec, scheduler, timesteps, latents, extra_channels, after_step, hint
+        )
 
-    def decoder_from_image(
-        self, request: GenerationRequest, batch: int, image_latents: np.ndarray, run: _Run
-    ) -> DecoderStart:
-        """KandinskyV22Img2ImgPipeline: the timesteps the scheduler keeps for `strength`, the image latents
-        noised at the first one (one draw of the image's shape, broadcast over the batch)."""
-        scheduler = decoder_scheduler(self.info, request)
-        timesteps, _ = scheduler_strength_timesteps(scheduler, request.num_inference_steps, request.strength)
-        draw = run.noise.randn(image_latents.shape)
-        latents = scheduler.add_noise(image_latents, draw, np.repeat(timesteps[:1], batch))
-        latents = np.ascontiguousarray(np.broadcast_to(latents, self._latent_shape(request, batch)))
-        return DecoderStart(registry.UNET, scheduler, timesteps, latents)
-
-    def decoder_inpainting(
+    def noised_image(
         self,
         request: GenerationRequest,
+        scheduler: Any,
+        timesteps: np.ndarray,
+        batch: int,
+        image_latents: np.ndarray,
+        run: _Run,
+    ) -> np.ndarray:
+        """KandinskyV22Img2ImgPipeline: the image latents noised at the first of the timesteps `strength`
+        keeps (one draw of the image's shape, broadcast over the batch)."""
+        draw = run.noise.randn(image_latents.shape)
+        latents = scheduler.add_noise(image_latents, draw, np.repeat(timesteps[:1], batch))
+        return np.ascontiguousarray(np.broadcast_to(latents, self._latent_shape(request, batch)))
+
+    def inpainting_start(
+        self,
+        request: GenerationRequest,
+        scheduler: Any,
+        timesteps: np.ndarray,
         batch: int,
         image_latents: np.ndarray,
         keep_mask: np.ndarray,
         run: _Run,
-    ) -> DecoderStart:
+    ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, int], np.ndarray]]:
         """KandinskyV22InpaintPipeline: the UNet sees [latents, masked image latents, keep mask]; after
         each step the known region (keep_mask [1, 1, h, w], 1 = keep) is replaced by the image latents
-        noised to the next timestep.
+        noised to the next timestep. Returns (start latents, extra_channels, after_step).
 
         The re-noising uses the loop's standard-normal draw. diffusers passes the draw already scaled by
         init_noise_sigma, which is the same for every scheduler but the Euler ones (init_noise_sigma > 1),
         where it would over-noise the known region; we follow the intent (see docs/schedulers.md).
         """
-        scheduler = decoder_scheduler(self.info, request)
-        scheduler.set_timesteps(request.num_inference_steps)
-        timesteps = scheduler.timesteps
         initial_noise = self._initial_noise(request, batch, run)  # diffusers: noise = torch.clone(latents)
         latents = initial_noise * np.float32(scheduler.init_noise_sigma)
         known, keep = image_latents[:1], keep_mask[:1].astype(np.float32)
@@ -660,7 +639,7 @@ class Generator:
             original = inpaint_known_latents(scheduler, known, initial_noise, timesteps, i)
             return keep * original + (np.float32(1.0) - keep) * latents
 
-        return DecoderStart(registry.UNET_INPAINT, scheduler, timesteps, latents, extra_channels, after_step)
+        return latents, extra_channels, after_step
 
     def _decode_from(
         self,

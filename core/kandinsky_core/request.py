@@ -1,11 +1,12 @@
-"""The one request type: every generation parameter, its default and the modes that use it, written once.
+"""The one request type: every generation parameter and its default, written once.
 
 `GenerationRequest` is what the Python API builds from keyword arguments, what the CLI builds from its
 flags, what the server-side generation model builds from a request's named inputs, and what the
 repository generator turns into that model's inputs (`wire.py`). Names follow diffusers' Kandinsky 2.2
 pipelines (`num_inference_steps`, `prior_guidance_scale`, ...), so user code ports one to one.
 
-Checking a request against a server's limits is `validation.check_request`.
+Which fields a mode takes and requires comes from its definition (`modes.py`); checking a request
+against a server's limits is `validation.check_request`.
 """
 
 from __future__ import annotations
@@ -14,66 +15,30 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InvalidRequest
-
-TEXT_TO_IMAGE = "text_to_image"
-VARIATIONS = "variations"
-FUSE = "fuse"
-IMAGE_TO_IMAGE = "image_to_image"
-EMB2EMB = "emb2emb"
-INPAINT = "inpaint"
-OUTPAINT = "outpaint"
-CONTROLNET = "controlnet"  # KandinskyV22ControlnetPipeline: text-to-image following a depth hint
-CONTROLNET_IMAGE_TO_IMAGE = "controlnet_image_to_image"  # KandinskyV22ControlnetImg2ImgPipeline
-MODES = (
-    TEXT_TO_IMAGE,
-    VARIATIONS,
-    FUSE,
-    IMAGE_TO_IMAGE,
-    EMB2EMB,
-    INPAINT,
-    OUTPAINT,
+from .modes import (  # noqa: F401 - the mode names, importable from here as before
     CONTROLNET,
     CONTROLNET_IMAGE_TO_IMAGE,
+    EMB2EMB,
+    FUSE,
+    IMAGE_TO_IMAGE,
+    INPAINT,
+    MODES,
+    OUTPAINT,
+    TEXT_TO_IMAGE,
+    VARIATIONS,
+    Mode,
+    modes_using,
 )
-CONTROLNET_MODES = (CONTROLNET, CONTROLNET_IMAGE_TO_IMAGE)  # the modes that take `hint`
-DECODER_STRENGTH_MODES = (IMAGE_TO_IMAGE, CONTROLNET_IMAGE_TO_IMAGE)  # decoder from the noised image
 
-# the prior runs on `prompt`
-_PROMPTED = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT, *CONTROLNET_MODES)
-_PRIOR = (*_PROMPTED, FUSE)  # every mode that runs the prior
-# every mode that takes `image`
-_FROM_IMAGE = (VARIATIONS, IMAGE_TO_IMAGE, EMB2EMB, INPAINT, OUTPAINT, CONTROLNET_IMAGE_TO_IMAGE)
-_LATENTS = (TEXT_TO_IMAGE, VARIATIONS, FUSE, EMB2EMB, INPAINT, OUTPAINT, CONTROLNET)  # decoder from noise
 OUTPUT_TYPES = ("pil", "np", "latent")  # as diffusers: PIL images, float arrays in [0, 1], final latents
-
-# The served models each mode needs (checked for readiness before a client-side generation starts).
-_PRIOR_MODELS = ("encode_prompt", "prior", "prior_postprocess")
-_DECODER_MODELS = ("unet", "decode_image")
-MODE_MODELS: dict[str, tuple[str, ...]] = {
-    TEXT_TO_IMAGE: (*_PRIOR_MODELS, *_DECODER_MODELS),
-    VARIATIONS: ("encode_image", "prior_postprocess", *_DECODER_MODELS),
-    FUSE: ("encode_image", *_PRIOR_MODELS, *_DECODER_MODELS),
-    IMAGE_TO_IMAGE: ("encode_latents", *_PRIOR_MODELS, *_DECODER_MODELS),
-    EMB2EMB: ("encode_image", *_PRIOR_MODELS, *_DECODER_MODELS),
-    INPAINT: ("encode_latents", *_PRIOR_MODELS, "unet_inpaint", "decode_image"),
-    OUTPAINT: ("encode_latents", *_PRIOR_MODELS, "unet_inpaint", "decode_image"),
-    CONTROLNET: (*_PRIOR_MODELS, "unet_controlnet", "decode_image"),
-    CONTROLNET_IMAGE_TO_IMAGE: ("encode_latents", *_PRIOR_MODELS, "unet_controlnet", "decode_image"),
-}
-
-
-def decoder_unet(mode: str) -> str:
-    """The UNet model whose loop decodes `mode` (each has its own checkpoint's scheduler config)."""
-    return next(name for name in MODE_MODELS[mode] if name.startswith("unet"))
-
 
 # Side used when neither the request nor an input image gives one (diffusers' pipelines default to 512).
 DEFAULT_IMAGE_SIDE = 512
 
 
-def _param(default: Any, wire: str, help: str, modes: tuple[str, ...] = MODES, required: bool = False) -> Any:
-    """A request field. `wire` is its type on the wire (see wire.py); `modes` the modes that use it."""
-    return field(default=default, metadata={"wire": wire, "help": help, "modes": modes, "required": required})
+def _param(default: Any, wire: str, help: str) -> Any:
+    """A request field. `wire` is its type on the wire (see wire.py); the modes that use it say so (modes.py)."""
+    return field(default=default, metadata={"wire": wire, "help": help})
 
 
 @dataclass(frozen=True)
@@ -85,36 +50,30 @@ class GenerationRequest:
     """
 
     mode: str = _param(TEXT_TO_IMAGE, "string", f"one of {', '.join(MODES)}")
-    prompt: Any = _param(None, "strings", "what the image should show (one or a list)", _PROMPTED, True)
-    negative_prompt: Any = _param(None, "strings", "what the image should not show", _PRIOR)
-    image: Any = _param(None, "image", "input image", _FROM_IMAGE, True)
-    mask_image: Any = _param(None, "image", "mask of the image's size: white = repaint", (INPAINT,), True)
+    prompt: Any = _param(None, "strings", "what the image should show (one or a list)")
+    negative_prompt: Any = _param(None, "strings", "what the image should not show")
+    image: Any = _param(None, "image", "input image")
+    mask_image: Any = _param(None, "image", "mask of the image's size: white = repaint")
     hint: Any = _param(
-        None,
-        "image",
-        "depth map at the output size, grayscale or RGB (white = near); fed as pixel / 255",
-        CONTROLNET_MODES,
-        True,
+        None, "image", "depth map at the output size, grayscale or RGB (white = near); fed as pixel / 255"
     )
     images_and_prompts: Any = _param(
-        None, "strings", "prompts and images to mix (images as data:image/... URIs)", (FUSE,), True
+        None, "strings", "prompts and images to mix (images as data:image/... URIs)"
     )
-    weights: Any = _param(None, "floats", "one weight >= 0 per item of images_and_prompts", (FUSE,), True)
-    negative_prior_prompt: Any = _param(None, "string", "negative prompt of fusion's prior runs", (FUSE,))
+    weights: Any = _param(None, "floats", "one weight >= 0 per item of images_and_prompts")
+    negative_prior_prompt: Any = _param(None, "string", "negative prompt of fusion's prior runs")
     num_images_per_prompt: int = _param(1, "int", "images per prompt")
     height: Any = _param(None, "int", "output height (default: the hint's, else the input image's, else 512)")
     width: Any = _param(None, "int", "output width (default: the hint's, else the input image's, else 512)")
     num_inference_steps: int = _param(50, "int", "decoder denoising steps")
     guidance_scale: float = _param(4.0, "float", "decoder classifier-free guidance scale")
-    prior_num_inference_steps: int = _param(25, "int", "prior denoising steps", _PRIOR)
-    prior_guidance_scale: float = _param(4.0, "float", "prior classifier-free guidance scale", _PRIOR)
-    strength: float = _param(
-        0.3, "float", "part of the schedule to run, in (0, 1]", (*DECODER_STRENGTH_MODES, EMB2EMB)
-    )
-    left: int = _param(0, "int", "pixels to add on the left", (OUTPAINT,))
-    top: int = _param(0, "int", "pixels to add at the top", (OUTPAINT,))
-    right: int = _param(0, "int", "pixels to add on the right", (OUTPAINT,))
-    bottom: int = _param(0, "int", "pixels to add at the bottom", (OUTPAINT,))
+    prior_num_inference_steps: int = _param(25, "int", "prior denoising steps")
+    prior_guidance_scale: float = _param(4.0, "float", "prior classifier-free guidance scale")
+    strength: float = _param(0.3, "float", "part of the schedule to run, in (0, 1]")
+    left: int = _param(0, "int", "pixels to add on the left")
+    top: int = _param(0, "int", "pixels to add at the top")
+    right: int = _param(0, "int", "pixels to add on the right")
+    bottom: int = _param(0, "int", "pixels to add at the bottom")
     seed: Any = _param(None, "int", "random seed (numpy PCG64); omit for a random one")
     scheduler: Any = _param(
         None, "string", "decoder scheduler, a diffusers class name (default: the checkpoint's)"
@@ -124,9 +83,9 @@ class GenerationRequest:
         "json",
         'decoder scheduler config overrides, e.g. {"use_karras_sigmas": true} (JSON text on the wire)',
     )
-    prior_scheduler: Any = _param(None, "string", "prior scheduler: UnCLIPScheduler only", _PRIOR)
+    prior_scheduler: Any = _param(None, "string", "prior scheduler: UnCLIPScheduler only")
     latents: Any = _param(
-        None, "tensor", "initial decoder latents [batch, channels, h, w] instead of seeded noise", _LATENTS
+        None, "tensor", "initial decoder latents [batch, channels, h, w] instead of seeded noise"
     )
     output_type: str = _param("pil", "string", f"one of {', '.join(OUTPUT_TYPES)}")
 
@@ -164,32 +123,33 @@ def _is_default(spec: Any, value: Any) -> bool:
 
 
 def field_specs() -> dict[str, Any]:
-    """name -> dataclasses.Field of every request field (its metadata: wire, help, modes, required)."""
+    """name -> dataclasses.Field of every request field (its metadata: wire, help)."""
     return {f.name: f for f in fields(GenerationRequest)}
 
 
 def mode_fields(mode: str) -> list[str]:
-    """The fields `mode` uses, in declaration order."""
-    return [name for name, spec in field_specs().items() if mode in spec.metadata["modes"]]
+    """The fields `mode` uses, in declaration order (none for an unknown mode)."""
+    used = MODES[mode].fields if mode in MODES else frozenset()
+    return [name for name in field_specs() if name in used]
 
 
 def required_fields(mode: str) -> list[str]:
-    return [
-        n for n, spec in field_specs().items() if spec.metadata["required"] and mode in spec.metadata["modes"]
-    ]
+    """The fields `mode` cannot run without, in declaration order."""
+    required = MODES[mode].required if mode in MODES else frozenset()
+    return [name for name in field_specs() if name in required]
 
 
-def check_fields_apply(request: GenerationRequest) -> None:
-    """Refuse an unknown mode, a missing required field, or a field the mode would ignore."""
-    if request.mode not in MODES:
+def check_fields_apply(request: GenerationRequest) -> Mode:
+    """The request's mode; refuse an unknown mode, a missing required field, or a field the mode would ignore."""
+    mode = MODES.get(request.mode) if isinstance(request.mode, str) else None
+    if mode is None:
         raise InvalidRequest("mode", f"is {request.mode!r}; valid modes: {', '.join(MODES)}")
     for name in required_fields(request.mode):
         if getattr(request, name) is None:
             raise InvalidRequest(name, f"is required by mode {request.mode}")
-    specs = field_specs()
     for name in request.given():
-        modes = specs[name].metadata["modes"]
-        if request.mode not in modes:
+        if name not in mode.fields:
             raise InvalidRequest(
-                name, f"is not used by mode {request.mode}; it applies to: {', '.join(modes)}"
+                name, f"is not used by mode {request.mode}; it applies to: {', '.join(modes_using(name))}"
             )
+    return mode

@@ -20,21 +20,10 @@ import numpy as np
 
 from .components import MAX_PROMPT_BYTES
 from .errors import InvalidRequest
-from .generation import decoder_scheduler
+from .generation import Plan, new_decoder_scheduler
 from .images import load_hint, load_image, load_mask
-from .request import (
-    CONTROLNET_MODES,
-    DECODER_STRENGTH_MODES,
-    DEFAULT_IMAGE_SIDE,
-    EMB2EMB,
-    FUSE,
-    IMAGE_TO_IMAGE,
-    INPAINT,
-    OUTPAINT,
-    OUTPUT_TYPES,
-    GenerationRequest,
-    check_fields_apply,
-)
+from .modes import CANVAS_PICTURE, FUSION
+from .request import DEFAULT_IMAGE_SIDE, OUTPUT_TYPES, GenerationRequest, check_fields_apply
 from .schedulers import check_prior_scheduler, strength_timesteps
 from .server_info import ServerInfo
 
@@ -245,8 +234,19 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
     "L"), fusion items are prompts or RGB images, sizes and seed are concrete, numbers have their types.
     Checking a checked request again changes nothing.
     """
-    check_fields_apply(request)
-    mode, changes = request.mode, {}
+    return plan_request(request, info).request
+
+
+def plan_request(request: GenerationRequest, info: ServerInfo) -> Plan:
+    """`request` checked (as `check_request` does) and planned: the decoder scheduler built to check the
+    scheduler fields is the one its plan keeps for the step counts and the loop.
+
+    What is checked follows the mode's definition: the fields it takes and requires, where its output
+    size comes from (the hint, else the picture its decoder starts from, else the default), and which
+    loop `strength` cuts.
+    """
+    mode = check_fields_apply(request)
+    changes: dict[str, Any] = {}
     prompts = 1
     if request.prompt is not None:
         changes["prompt"] = prompt_list("prompt", request.prompt)
@@ -273,12 +273,13 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
     )
     changes["prior_guidance_scale"] = number("prior_guidance_scale", request.prior_guidance_scale)
     changes["seed"] = seed(request.seed)
-    changes.update(_scheduler_fields(request, info, changes["num_inference_steps"]))
+    scheduler_fields, scheduler = _scheduler_fields(request, info, changes["num_inference_steps"])
+    changes.update(scheduler_fields)
     if request.output_type not in OUTPUT_TYPES:
         raise InvalidRequest(
             "output_type", f"is {request.output_type!r}; valid values: {', '.join(OUTPUT_TYPES)}"
         )
-    if mode == FUSE:
+    if mode.embeddings is FUSION:
         changes.update(_fusion_fields(request))
     if request.image is not None:
         changes["image"] = load_image(request.image, "image")
@@ -286,7 +287,7 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
         changes["mask_image"] = load_mask(request.mask_image, changes["image"].size, "mask_image")
     if request.hint is not None:
         changes["hint"] = load_hint(request.hint, "hint")
-    if mode == OUTPAINT:
+    if mode.decoder.picture == CANVAS_PICTURE:
         margins = outpaint_margins(
             info, changes["image"].size, request.left, request.top, request.right, request.bottom
         )
@@ -296,12 +297,12 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
         changes["height"], changes["width"] = output_size(
             info, request.height, request.width, (width + left + right, height + top + bottom)
         )
-    elif mode in CONTROLNET_MODES:  # the hint is not resized (diffusers takes it as it is): it sets the size
+    elif request.hint is not None:  # the hint is not resized (diffusers takes it as it is): it sets the size
         changes["height"], changes["width"] = output_size(
             info, request.height, request.width, changes["hint"].size, "hint"
         )
         hint_size(changes["hint"].size, changes["height"], changes["width"])
-    elif mode in (IMAGE_TO_IMAGE, INPAINT):
+    elif mode.decoder.picture is not None:  # the decoder starts from the input image, resized
         changes["height"], changes["width"] = output_size(
             info, request.height, request.width, changes["image"].size
         )
@@ -313,30 +314,31 @@ def check_request(request: GenerationRequest, info: ServerInfo) -> GenerationReq
             image_side("height", height, info),
             image_side("width", width, info),
         )
-    if mode in (*DECODER_STRENGTH_MODES, EMB2EMB):  # the part of the decoder or prior (emb2emb) that runs
-        stage = "num_inference_steps" if mode in DECODER_STRENGTH_MODES else "prior_num_inference_steps"
+    if mode.decoder.strength or mode.embeddings.strength:  # the part of the decoder or prior that runs
+        stage = "num_inference_steps" if mode.decoder.strength else "prior_num_inference_steps"
         changes["strength"] = strength("strength", request.strength, changes[stage])
-        if mode in DECODER_STRENGTH_MODES:  # the scheduler's own slicing may refuse more (repeated timesteps)
-            strength_timesteps(
-                decoder_scheduler(info, replace(request, **changes)), changes[stage], changes["strength"]
-            )
+        if mode.decoder.strength:  # the scheduler's own slicing may refuse more (repeated timesteps)
+            strength_timesteps(scheduler, changes[stage], changes["strength"])
     if request.latents is not None:
         changes["latents"] = initial_latents(
             request.latents, info, prompts * changes["num_images_per_prompt"], changes
         )
-    return replace(request, **changes)
+    return Plan.of(replace(request, **changes), info, scheduler, source=request)
 
 
-def _scheduler_fields(request: GenerationRequest, info: ServerInfo, num_steps: int) -> dict[str, Any]:
-    """The decoder scheduler's name and overrides, checked by building it (its own step limits included)."""
+def _scheduler_fields(
+    request: GenerationRequest, info: ServerInfo, num_steps: int
+) -> tuple[dict[str, Any], Any]:
+    """The decoder scheduler's name and overrides, checked by building it (its own step limits included);
+    returns them with the scheduler (the request's one)."""
     name = None if request.scheduler is None else text("scheduler", request.scheduler)
     overrides = scheduler_overrides(request.scheduler_config)
     check_prior_scheduler(
         None if request.prior_scheduler is None else text("prior_scheduler", request.prior_scheduler)
     )
-    checked = replace(request, scheduler=name, scheduler_config=overrides)
-    decoder_scheduler(info, checked).set_timesteps(num_steps)
-    return {"scheduler": name, "scheduler_config": overrides}
+    scheduler = new_decoder_scheduler(info, replace(request, scheduler=name, scheduler_config=overrides))
+    scheduler.set_timesteps(num_steps)
+    return {"scheduler": name, "scheduler_config": overrides}, scheduler
 
 
 def scheduler_overrides(value: Any) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ from kandinsky_core.errors import (
 )
 from kandinsky_core.generation import DECODER_STAGE, Generator
 from kandinsky_core.server_info import ServerInfo
-from kandinsky_core.validation import check_request
+from kandinsky_core.validation import plan_request
 from kandinsky_core.wire import ResponseOptions, final_outputs, png_base64, request_from_inputs
 
 logger = logging.getLogger("kandinsky_repository")
@@ -170,7 +170,8 @@ class KandinskyGeneration:
         generation_request, options = request_from_inputs(inputs, json.loads(request.parameters() or "{}"))
         deadline = arrived + self._time_limit(request, options)
         self._stop_if_abandoned(request, deadline)  # it may have waited for a thread
-        checked = check_request(generation_request, self.info)
+        plan = plan_request(generation_request, self.info)  # checked, with the schedulers its loops run
+        checked = plan.request
         transport = BlsTransport(pb, deadline)
         generator = Generator(transport, self.info, self.zero_image_embeds)
         missing = [m for m in generator.required_models(checked.mode) if m not in self.served_models]
@@ -178,7 +179,7 @@ class KandinskyGeneration:
             raise ModelNotReady(
                 f"mode {checked.mode} needs model(s) {missing}, which this server does not have"
             )
-        loop_steps, total = generator.loop_steps(checked), generator.total_steps(checked)
+        loop_steps, total = plan.loop_steps, plan.total_steps
         done = 0
 
         def step_end(stage: str, step: int, timestep: int, latents: np.ndarray) -> None:
@@ -204,7 +205,7 @@ class KandinskyGeneration:
                     outputs["preview"] = np.array([png_base64(_image(x)) for x in rgb], dtype=np.object_)
                 sender.send(pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()]))
 
-        result = generator.generate(checked, None, step_end)
+        result = generator.generate(plan, None, step_end)
         self.zero_image_embeds = generator._zero_image_embeds
         outputs = final_outputs(result, checked.seed, options.return_image_embeds)
         final = pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()])
