@@ -30,6 +30,13 @@ from .server_info import ServerInfo
 MIN_PRIOR_STEPS = 2  # UnCLIPScheduler.set_timesteps divides by (steps - 1)
 
 
+# Classifier-free guidance scales above this are refused. The guided prediction uncond + g * (cond - uncond)
+# is fed back into the next step, so a huge g (1e30, 1e308) overflows float32 a step later and the
+# networks answer NaN; diffusers' Kandinsky pipelines default to 4, and scales beyond a few tens only
+# saturate the picture.
+MAX_GUIDANCE_SCALE = 100.0
+
+
 def prompt_list(field: str, value: Any, *, allow_empty_text: bool = True) -> list[str]:
     """A prompt or a non-empty list of prompts, as a list."""
     if isinstance(value, str):
@@ -68,11 +75,12 @@ def integer(field: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def number(field: str, value: Any, low: float = 0.0) -> float:
+def number(field: str, value: Any, low: float = 0.0, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidRequest(field, f"must be a finite number, got {value!r}")
-    if value < low:
-        raise InvalidRequest(field, f"is {value}; it must be >= {low}")
+    if value < low or (high is not None and value > high):
+        valid = f">= {low}" if high is None else f"in [{low:g}, {high:g}]"
+        raise InvalidRequest(field, f"is {value}; it must be {valid}")
     return float(value)
 
 
@@ -267,11 +275,13 @@ def plan_request(request: GenerationRequest, info: ServerInfo) -> Plan:
     changes["num_inference_steps"] = steps(
         "num_inference_steps", request.num_inference_steps, info.decoder_scheduler
     )
-    changes["guidance_scale"] = number("guidance_scale", request.guidance_scale)
+    changes["guidance_scale"] = number("guidance_scale", request.guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
     changes["prior_num_inference_steps"] = steps(
         "prior_num_inference_steps", request.prior_num_inference_steps, info.prior_scheduler, MIN_PRIOR_STEPS
     )
-    changes["prior_guidance_scale"] = number("prior_guidance_scale", request.prior_guidance_scale)
+    changes["prior_guidance_scale"] = number(
+        "prior_guidance_scale", request.prior_guidance_scale, 0.0, MAX_GUIDANCE_SCALE
+    )
     changes["seed"] = seed(request.seed)
     scheduler_fields, scheduler = _scheduler_fields(request, info, changes["num_inference_steps"])
     changes.update(scheduler_fields)

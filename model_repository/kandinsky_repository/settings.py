@@ -21,6 +21,7 @@ class Defaults:
     metrics_port: int = 8002
     health_port: int = 8003  # kandinsky-serve's deep health endpoint (GET /health/ready, /health/live)
     health_host: str = "127.0.0.1"
+    openai_port: int = 8004  # kandinsky-openai: the OpenAI Images API (/v1/images/...) and the playground (/)
 
     # -- Triton's restricted APIs: these need the admin key header ------------------------------------
     # (statistics, metadata, model config, health and inference stay open: clients and benchmarks use
