@@ -1,4 +1,5 @@
-"""The retry policy: retryable failures are tried again with growing pauses, others are raised at once."""
+"""The retry policy: retryable failures are tried again with growing pauses, others are raised at once
+(the defaults, jitter, the budget and Retry-After: test_client_retries.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from kandinsky_client.retry import NO_RETRY, RetryPolicy, with_retries
 from kandinsky_core.errors import (
     InferenceFailed,
     InvalidRequest,
+    ModelNotReady,
     RequestTimeout,
     ServerBusy,
     ServerUnavailable,
@@ -52,10 +54,12 @@ def test_other_failures_are_not_retried(error):
 
 def test_no_retry_policy_and_backoff():
     call, calls = failing([ServerBusy("full")])
-    with pytest.raises(ServerBusy):
+    with pytest.raises(ServerBusy, match="was not sent again"):
         with_retries(NO_RETRY, "step", call)
     assert len(calls) == 1
-    assert RetryPolicy(attempts=5, backoff_s=0.25, max_backoff_s=1.0).delays() == [0.25, 0.5, 1.0, 1.0]
+    # Without jitter the pauses double from backoff_s up to max_backoff_s.
+    policy = RetryPolicy(backoff_s=0.25, max_backoff_s=1.0, jitter=0.0)
+    assert [policy.pause(i) for i in range(4)] == [0.25, 0.5, 1.0, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -69,3 +73,4 @@ def test_no_retry_policy_and_backoff():
 def test_server_messages_say_whether_a_retry_can_help(message, retryable):
     assert error_from_message("unet", message).retryable is retryable
     assert isinstance(error_from_message("unet", "Exceeds maximum queue size"), ServerBusy)
+    assert isinstance(error_from_message("unet", "Stub process 'unet_0_0' is not healthy."), ModelNotReady)

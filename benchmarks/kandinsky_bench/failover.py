@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 from kandinsky_client.pipeline import KandinskyClient
-from kandinsky_client.retry import RetryPolicy
+from kandinsky_client.retry import RETRY_LOG_FIELD, RetryPolicy
 
 from .served import add_subcommand_arguments
 from .stats import summarize
@@ -295,9 +295,10 @@ class _RetryCounter(logging.Handler):
         self._lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not (isinstance(record.msg, str) and "; retry %d of %d" in record.msg and record.args):
+        what = getattr(record, RETRY_LOG_FIELD, None)  # set on each retry's record (retry.py)
+        if what is None:
             return
-        kind = "generation" if record.args[0] == "generation" else "step"
+        kind = "generation" if what == "generation" else "step"
         with self._lock:
             self.counts.setdefault(threading.get_ident(), Counter())[kind] += 1
 

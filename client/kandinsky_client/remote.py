@@ -3,7 +3,10 @@
 gRPC uses Triton's bidirectional stream (`ModelStreamInfer`); HTTP uses the generate extension's
 `generate_stream` (server-sent events). Both carry progress responses when a step callback is given, and
 both cancel the server-side loop when the caller stops waiting: the gRPC stream is cancelled, the HTTP
-connection is closed (Triton cancels a streamed request whose client went away).
+connection is closed (Triton cancels a streamed request whose client went away). Every failure is
+classified by `kandinsky_core.errors` (one table for both protocols and the unary transport); a stream
+that ends or is reset before its final response is `ServerUnavailable`, so the generation is retried
+whole (the caller's retry policy, see pipeline.py).
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import queue
-import re
-import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,9 +23,10 @@ from kandinsky_core.errors import (
     InvalidRequest,
     KandinskyClientError,
     RequestTimeout,
-    ServerBusy,
     ServerUnavailable,
-    error_from_message,
+    classify,
+    classify_exception,
+    classify_http,
 )
 from kandinsky_core.generation import Generation, StepCallback
 from kandinsky_core.request import GenerationRequest
@@ -39,6 +41,8 @@ from kandinsky_core.wire import (
     scalar,
 )
 from PIL import Image
+
+from .transport import grpc_channel_args
 
 # on_preview(stage, step, images): preview images the server sends every `preview_every` decoder steps.
 PreviewCallback = Callable[[str, int, list[Image.Image]], None]
@@ -113,21 +117,26 @@ class RemoteGenerator:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         responses: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.url)
+        client = grpcclient.InferenceServerClient(self.url, channel_args=grpc_channel_args())
         deadline = time.monotonic() + self.timeout_s
         finished = False
         try:
             client.start_stream(
                 callback=lambda result, error: responses.put((result, error)), headers=self.headers or None
             )
-            client.async_stream_infer(MODEL_NAME, inputs, timeout=int(self.timeout_s * 1e6))
+            try:
+                client.async_stream_infer(MODEL_NAME, inputs, timeout=int(self.timeout_s * 1e6))
+            except Exception as error:  # noqa: BLE001 - classified below
+                # "The stream is no longer in valid state": the stream's call already failed (refused,
+                # reset); its reason goes to the callback, which is the better error to raise.
+                raise self._stream_failure(responses, error) from error
             while True:
                 try:
                     result, error = responses.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
                     raise self._deadline_error() from None
                 if error is not None:
-                    raise _stream_error(error, self.url)
+                    raise self._classified(error) from error
                 names = {o.name for o in result.get_response().outputs}
                 outputs = {name: result.as_numpy(name) for name in names}
                 if FINAL_OUTPUT in outputs:
@@ -139,6 +148,21 @@ class RemoteGenerator:
             client.stop_stream(cancel_requests=not finished)
             client.close()
 
+    def _classified(self, error: BaseException) -> KandinskyClientError:
+        classified = classify_exception(error, model=MODEL_NAME, url=self.url, timeout_s=self.timeout_s)
+        if classified is None:
+            raise error
+        return classified
+
+    def _stream_failure(self, responses: queue.Queue, error: BaseException) -> KandinskyClientError:
+        """The error of a stream that failed before the request went out: the callback's, when it comes
+        within a moment, else the one raised (a stream reset, ServerUnavailable either way)."""
+        try:
+            _, reported = responses.get(timeout=_STREAM_ERROR_WAIT_S)
+        except queue.Empty:
+            reported = None
+        return self._classified(reported if reported is not None else error)
+
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _http(self, request: GenerationRequest, options: ResponseOptions, progress: _Progress) -> Generation:
@@ -147,35 +171,44 @@ class RemoteGenerator:
         deadline = time.monotonic() + self.timeout_s
         body = json.dumps(request_json(request, options))
         try:
-            try:
-                connection.request(
-                    "POST",
-                    f"/v2/models/{MODEL_NAME}/generate_stream",
-                    body=body,
-                    headers={"Content-Type": "application/json", **self.headers},
-                )
-                response = connection.getresponse()
-            except (ConnectionError, socket.gaierror) as error:
-                raise ServerUnavailable(f"no server answers at '{self.url}' over http: {error}") from error
+            connection.request(
+                "POST",
+                f"/v2/models/{MODEL_NAME}/generate_stream",
+                body=body,
+                headers={"Content-Type": "application/json", **self.headers},
+            )
+            response = connection.getresponse()
             if response.status != 200 and "text/event-stream" not in (
                 response.getheader("Content-Type") or ""
             ):
-                raise _http_error(response.status, response.read(), self.url)
+                raise classify_http(
+                    response.status,
+                    response.read(),
+                    model=MODEL_NAME,
+                    url=self.url,
+                    retry_after_header=response.getheader("Retry-After"),
+                )
             for event in _sse_events(response, deadline):
                 if "error" in event:
-                    raise error_from_message(MODEL_NAME, str(event["error"]))
+                    raise classify(None, str(event["error"]), model=MODEL_NAME, url=self.url)
                 if FINAL_OUTPUT in event:
                     return generation_from_outputs(event, self.embed_dim, self.shapes)
                 progress(event)
-            raise ServerUnavailable(f"'{self.url}' closed the stream before the final response")
+            raise ServerUnavailable(
+                f"model '{MODEL_NAME}': '{self.url}' closed the stream before the final response"
+            )
+        except KandinskyClientError:
+            raise
         except TimeoutError:
             raise self._deadline_error() from None
-        except (ConnectionError, http.client.HTTPException) as error:
-            raise ServerUnavailable(
-                f"lost the server at '{self.url}' during the generation: {error!r}"
-            ) from error
+        except Exception as error:  # noqa: BLE001 - refused, reset, cut: classified (others propagate)
+            raise self._classified(error) from error
         finally:
             connection.close()  # a generation still running on the server is cancelled by this
+
+
+# How long a failed stream's callback is waited for, for the reason of the failure.
+_STREAM_ERROR_WAIT_S = 1.0
 
 
 def _sse_events(response: http.client.HTTPResponse, deadline: float) -> Any:
@@ -185,34 +218,6 @@ def _sse_events(response: http.client.HTTPResponse, deadline: float) -> Any:
             raise TimeoutError
         if line.startswith(b"data:"):
             yield json.loads(line[5:].strip())
-
-
-def _http_error(status: int, body: bytes, url: str) -> KandinskyClientError:
-    try:
-        message = str(json.loads(body).get("error", body.decode("utf-8", "replace")))
-    except (json.JSONDecodeError, AttributeError):
-        message = body.decode("utf-8", "replace")
-    if status in (502, 503, 504):
-        return ServerUnavailable(f"'{url}' answered HTTP {status}: {message}")
-    if status == 429:
-        return ServerBusy(f"'{url}' answered HTTP 429 (rate limit): {message}")
-    return error_from_message(MODEL_NAME, message)
-
-
-# HTTP/2 stream reset by the peer: what a gRPC proxy sends when the server behind it goes away mid-call.
-_STREAM_RESET = re.compile(r"RST_STREAM|Stream removed", re.I)
-
-
-def _stream_error(error: Exception, url: str) -> KandinskyClientError:
-    status = str(getattr(error, "status", lambda: "")() or "")
-    message = getattr(error, "message", lambda: str(error))() or str(error)
-    if "UNAVAILABLE" in status:
-        return ServerUnavailable(f"no server answers at '{url}' over grpc: {message}")
-    if _STREAM_RESET.search(message):  # a proxy (the gateway) lost the replica running the generation
-        return ServerUnavailable(f"lost the server at '{url}' during the generation (grpc): {message}")
-    if "RESOURCE_EXHAUSTED" in status and "rate" in message.lower():
-        return ServerBusy(f"'{url}' rate-limits this client: {message}")
-    return error_from_message(MODEL_NAME, message)
 
 
 def _triton_dtype(array: np.ndarray) -> str:

@@ -4,8 +4,13 @@ Request tensors are cast and shaped from the component registry, so the client c
 served model does not declare. Every call, readiness checks included, is bounded by `timeout_s`; the
 same limit goes to the server as the request's queue timeout, so a request the client gave up on is
 dropped from the server's queue rather than run (and gRPC cancels the call when its deadline passes).
-Transport errors become `ServerUnavailable`, `RequestTimeout`, `ModelNotReady`, `ServerBusy`,
-`InvalidRequest` or `InferenceFailed` with the server's message.
+Every failure is classified by `kandinsky_core.errors.classify_exception` (`ServerUnavailable`,
+`RequestTimeout`, `ModelNotReady`, `ServerBusy`, `InvalidRequest`, `InferenceFailed` with the server's
+message) and retried as the transport's `RetryPolicy` says; readiness checks and metadata calls too.
+
+One exception to retrying: while nothing has ever answered at the address, a refused connection is
+raised at once (a wrong address fails fast); once a server has answered, a refusal means it is
+restarting, and is retried like any other transient failure.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from kandinsky_core.errors import (
     InvalidRequest,
     KandinskyClientError,
     ModelNotReady,
-    RequestTimeout,
     ServerBusy,
     ServerUnavailable,
-    error_from_message,
+    classify_exception,
+    classify_http,
 )
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import np_to_triton_dtype
 
 from .retry import RetryPolicy, with_retries
 
@@ -43,30 +48,28 @@ def check_timeout(value: Any) -> float:
     return float(value)
 
 
-def _is_timeout(error: BaseException) -> bool:
-    """gevent/socket timeouts (HTTP) and DEADLINE_EXCEEDED (gRPC) all mean the time limit passed."""
-    if isinstance(error, InferenceServerException):
-        return "DEADLINE_EXCEEDED" in str(error.status()) or "Deadline Exceeded" in (error.message() or "")
-    return isinstance(error, TimeoutError) or type(error).__name__ == "Timeout"
+def grpc_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's default gRPC channel options, plus a reconnect back-off as short as the retry
+    policy's: grpc's own grows to 120 s between connection attempts, so after a restart a client could
+    sit out several seconds of a server that is back (measured: up to 4 s)."""
+    import tritonclient.grpc as grpcclient
+
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", int(RetryPolicy.backoff_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(RetryPolicy.max_backoff_s * 1000)),
+    ]
 
 
-def _is_connection_error(error: InferenceServerException) -> bool:
-    """Nothing answered, the gateway says the server behind it is restarting (HTTP 502-504), or a proxy
-    reset the call's HTTP/2 stream because the replica serving it went away (gRPC RST_STREAM)."""
-    status = str(error.status() or "")
-    message = (error.message() or "").lower()
-    return (
-        any(s in status for s in ("UNAVAILABLE", "502", "503", "504"))
-        or "failed to connect" in message
-        or "rst_stream" in message
-        or "stream removed" in message
-    )
-
-
-def _is_rate_limited(error: InferenceServerException) -> bool:
-    """The gateway's per-client rate limit (HTTP 429, gRPC RESOURCE_EXHAUSTED naming the rate)."""
-    status = str(error.status() or "")
-    return "429" in status or ("RESOURCE_EXHAUSTED" in status and "rate" in (error.message() or "").lower())
+def _transient(error: KandinskyClientError) -> bool:
+    """A failure of the way to the server (busy, unavailable, reset), not an answer about the request."""
+    return isinstance(error, ServerBusy | ServerUnavailable)
 
 
 class TritonTransport:
@@ -91,6 +94,7 @@ class TritonTransport:
         self.headers = dict(headers or {})
         self.retry = retry or RetryPolicy()
         self._confirmed_ready: set[str] = set()
+        self._answered = False  # whether anything has answered at this address yet (see the module doc)
         if protocol == "grpc":
             import tritonclient.grpc as triton
         else:
@@ -119,67 +123,87 @@ class TritonTransport:
     def _new_client(self) -> Any:
         try:
             if self.protocol == "grpc":
-                return self._triton.InferenceServerClient(self.url)
+                return self._triton.InferenceServerClient(self.url, channel_args=grpc_channel_args())
             return self._triton.InferenceServerClient(
                 self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
             )
         except Exception as error:  # noqa: BLE001 - bad address formats surface here
             raise ServerUnavailable(
-                f"cannot connect to a Triton server at '{self.url}' ({self.protocol}): {error}"
+                f"cannot connect to a Triton server at '{self.url}' ({self.protocol}): {error}", refused=True
             ) from error
 
-    def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`call` with this transport's headers and time limit; transport failures become client errors."""
+    def _retry_if(self, error: KandinskyClientError) -> bool:
+        """Retryable, except a refusal while nothing has ever answered here (a wrong address)."""
+        return error.retryable and (self._answered or not getattr(error, "refused", False))
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """`call()` under this transport's retry policy."""
+        return with_retries(self.retry, what, call, retry_if=self._retry_if)
+
+    def _call(self, model: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One `call` with this transport's headers and time limit; failures become client errors.
+
+        `model`: the model the call is about ("" for server-level calls), named in the messages.
+        """
         if self.protocol == "grpc":
             kwargs.setdefault("client_timeout", self.timeout_s)
         try:
-            return call(*args, headers=self.headers or None, **kwargs)
-        except KandinskyClientError:
+            result = call(*args, headers=self.headers or None, **kwargs)
+        except Exception as error:  # noqa: BLE001 - classified; anything else propagates unchanged
+            classified = classify_exception(error, model=model, url=self.url, timeout_s=self.timeout_s)
+            if classified is None:
+                raise
+            self._answered = self._answered or not getattr(classified, "refused", False)
+            if classified is not error:
+                raise classified from error
             raise
-        except InferenceServerException as error:
-            if _is_timeout(error):
-                raise RequestTimeout(
-                    f"{what}: no answer from '{self.url}' within {self.timeout_s:g} s"
-                ) from error
-            if _is_rate_limited(error):
-                raise ServerBusy(f"{what}: rate limited by '{self.url}': {error.message()}") from error
-            if _is_connection_error(error):
-                raise ServerUnavailable(
-                    f"{what}: no Triton server answers at '{self.url}': {error.message()}"
-                ) from error
-            raise
-        except Exception as error:  # noqa: BLE001 - refused, reset, DNS: the server is not there
-            if _is_timeout(error):
-                raise RequestTimeout(
-                    f"{what}: no answer from '{self.url}' within {self.timeout_s:g} s"
-                ) from error
-            raise ServerUnavailable(
-                f"{what}: lost the Triton server at '{self.url}' ({self.protocol}): {error!r}"
-            ) from error
+        self._answered = True
+        return result
+
+    def _http_get(self, model: str, path: str) -> KandinskyClientError | None:
+        """GET `path` on the HTTP API: None on 200, else the answer classified. (tritonclient's
+        `is_server_live`/`is_model_ready` return False for any other answer, a gateway's 429 or 503
+        included, so the status is read here, through its client's GET.)"""
+
+        def get(headers: Mapping[str, str] | None) -> Any:
+            return self._client._get(request_uri=path, headers=headers, query_params=None)
+
+        response = self._call(model, get)
+        if response.status_code == 200:
+            return None
+        return classify_http(
+            response.status_code,
+            response.read(),
+            model=model,
+            url=self.url,
+            retry_after_header=response.get("retry-after"),
+        )
 
     def check_live(self) -> None:
-        try:
-            live = self._call("is_server_live", self._client.is_server_live)
-        except InferenceServerException as error:
-            raise ServerUnavailable(f"no Triton server answers at '{self.url}': {error.message()}") from error
-        except ServerUnavailable as error:
-            raise ServerUnavailable(
-                f"no Triton server answers at '{self.url}' over {self.protocol}: {error}"
-            ) from error
-        if not live:
+        """Raise ServerUnavailable unless a server answers live (transient failures retried)."""
+        self._retrying("live check", self._check_live_once)
+
+    def _check_live_once(self) -> None:
+        if self.protocol == "http":
+            error = self._http_get("", "v2/health/live")
+            if error is not None:
+                raise error
+            return
+        if not self._call("", self._client.is_server_live):
             raise ServerUnavailable(f"the Triton server at '{self.url}' is not live")
 
     def require_ready(self, models: list[str] | tuple[str, ...]) -> None:
         """Raise ModelNotReady naming every missing model and listing the ready ones.
 
         A model found ready once is not asked again: every generation calls this, and a model that goes
-        away later still fails its inference with Triton's own message.
+        away later still fails its inference with Triton's own message. A server that answers "not
+        ready" is not asked again (a missing model is not coming); a busy or restarting one is.
         """
         unconfirmed = [m for m in models if m not in self._confirmed_ready]
         if not unconfirmed:
             return
         self.check_live()
-        missing = [m for m in unconfirmed if not self._safe_ready(m)]
+        missing = [m for m in unconfirmed if not self._retrying(f"'{m}' ready", lambda m=m: self._ready(m))]
         self._confirmed_ready.update(m for m in unconfirmed if m not in missing)
         if missing:
             raise ModelNotReady(
@@ -187,16 +211,27 @@ class TritonTransport:
                 "Was the repository generated from a checkpoint that has them?"
             )
 
-    def _safe_ready(self, model: str) -> bool:
+    def _ready(self, model: str) -> bool:
+        """Whether `model` is ready; transient failures raise (to be retried), other answers say no."""
         try:
-            return bool(self._call("is_model_ready", self._client.is_model_ready, model))
-        except InferenceServerException:
+            if self.protocol == "http":
+                error = self._http_get(model, f"v2/models/{model}/ready")
+                if error is not None:
+                    raise error
+                return True
+            return bool(self._call(model, self._client.is_model_ready, model))
+        except KandinskyClientError as error:
+            if _transient(error):
+                raise
             return False
 
     def _ready_models(self) -> list[str] | str:
         try:
-            index = self._call("repository index", self._client.get_model_repository_index)
-        except (InferenceServerException, KandinskyClientError):
+            index = self._retrying(
+                "repository index",
+                lambda: self._call("", self._client.get_model_repository_index),
+            )
+        except KandinskyClientError:
             return "(the repository index is not available)"
         models = list(index.models) if hasattr(index, "models") else list(index)
         return sorted(
@@ -205,17 +240,30 @@ class TritonTransport:
             if (m.get("state") if isinstance(m, dict) else m.state) == "READY"
         )
 
+    def _metadata(self, what: str, model: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A metadata call: transient failures retried, any other answer raised as ModelNotReady at once
+        (an absent optional model is an answer, not a failure to wait out)."""
+
+        def once() -> T:
+            return self._call(model, call, *args, **kwargs)
+
+        try:
+            return with_retries(
+                self.retry, what, once, retry_if=lambda e: _transient(e) and self._retry_if(e)
+            )
+        except KandinskyClientError as error:
+            if _transient(error) or isinstance(error, ModelNotReady):
+                raise
+            raise ModelNotReady(f"cannot read the {what} of '{model or 'all models'}': {error}") from error
+
     def model_parameters(self, model: str) -> dict[str, Any]:
         """The `parameters` of a model's config, JSON-decoded where they hold JSON."""
-        try:
-            if self.protocol == "grpc":
-                config = self._call("model config", self._client.get_model_config, model, as_json=True)[
-                    "config"
-                ]
-            else:
-                config = self._call("model config", self._client.get_model_config, model)
-        except InferenceServerException as error:
-            raise ModelNotReady(f"cannot read the config of model '{model}': {error.message()}") from error
+        if self.protocol == "grpc":
+            config = self._metadata("config", model, self._client.get_model_config, model, as_json=True)[
+                "config"
+            ]
+        else:
+            config = self._metadata("config", model, self._client.get_model_config, model)
         parameters = {}
         for key, value in config.get("parameters", {}).items():
             text = value.get("string_value", value.get("stringValue", ""))
@@ -232,21 +280,17 @@ class TritonTransport:
         {"count", "ns"}, "compute_infer": ...}, "batch_stats": [...]}, ...]}; gRPC's 64-bit counters come
         back as strings. Benchmarks take deltas of these around a measured window.
         """
-        try:
-            if self.protocol == "grpc":
-                return self._call("statistics", self._client.get_inference_statistics, model, as_json=True)
-            return self._call("statistics", self._client.get_inference_statistics, model)
-        except InferenceServerException as error:
-            raise ModelNotReady(
-                f"cannot read the statistics of '{model or 'all models'}': {error.message()}"
-            ) from error
+        call = self._client.get_inference_statistics
+        if self.protocol == "grpc":
+            return self._metadata("statistics", model, call, model, as_json=True)
+        return self._metadata("statistics", model, call, model)
 
     def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `spec.name` on `inputs` (keyed by the spec's input names); return every declared output.
 
         A retryable failure (see retry.py) is tried again: the request is idempotent.
         """
-        return with_retries(self.retry, f"'{spec.name}'", lambda: self._infer_once(spec, inputs))
+        return self._retrying(f"'{spec.name}'", lambda: self._infer_once(spec, inputs))
 
     def _infer_once(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         requests = []
@@ -257,17 +301,14 @@ class TritonTransport:
         outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.outputs]
         # The server drops the request from its queue when this passes (the client has given up by then).
         queue_timeout_us = int(self.timeout_s * 1e6)
-        try:
-            result = self._call(
-                f"'{spec.name}'",
-                self._client.infer,
-                spec.name,
-                requests,
-                outputs=outputs,
-                timeout=queue_timeout_us,
-            )
-        except InferenceServerException as error:
-            raise error_from_message(spec.name, error.message() or str(error)) from error
+        result = self._call(
+            spec.name,
+            self._client.infer,
+            spec.name,
+            requests,
+            outputs=outputs,
+            timeout=queue_timeout_us,
+        )
         return {t.name: result.as_numpy(t.name) for t in spec.outputs}
 
     def close(self) -> None:

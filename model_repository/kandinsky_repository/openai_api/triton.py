@@ -3,8 +3,8 @@
 Why not the client's `RemoteGenerator`: this package may import only `kandinsky_core` (tests/test_layout.py)
 and it serves from an event loop, where tritonclient's asyncio client cancels a stream by cancelling the
 task that reads it. What the two share lives in the core: the wire format (`wire.request_inputs`, the
-outputs), the error kinds (`errors.error_from_message`), the checks (`validation.check_request`) and the
-server's limits (`ServerInfo`, read here from the `kandinsky` model's own config).
+outputs), the error classification (`errors.classify_exception`), the checks (`validation.check_request`)
+and the server's limits (`ServerInfo`, read here from the `kandinsky` model's own config).
 
 Cancellation: when the task reading a stream is cancelled (the HTTP client went away) or stops reading,
 the gRPC call is cancelled, and Triton cancels the request: the server-side loop stops before its next
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -24,9 +23,9 @@ import numpy as np
 from kandinsky_core.errors import (
     KandinskyClientError,
     ModelNotReady,
-    ServerBusy,
     ServerUnavailable,
-    error_from_message,
+    classify,
+    classify_exception,
 )
 from kandinsky_core.server_info import ServerInfo
 from kandinsky_core.wire import FINAL_OUTPUT, MODEL_NAME
@@ -40,32 +39,13 @@ logger = logging.getLogger(__name__)
 STREAM_MARGIN_S = 60.0
 # Metadata calls (readiness, the model's config) answer at once or not at all.
 METADATA_TIMEOUT_S = 10.0
-# An HTTP/2 stream reset by a proxy in between (the gateway lost the replica running the generation).
-_STREAM_RESET = re.compile(r"RST_STREAM|Stream removed", re.I)
-
-
-def server_error(status: str, message: str, url: str) -> KandinskyClientError:
-    """A gRPC failure as the core's error kinds (what the client's retry policy and statuses know)."""
-    if "UNAVAILABLE" in status:
-        return ServerUnavailable(f"no Triton server answers at '{url}' over grpc: {message}")
-    if _STREAM_RESET.search(message):
-        return ServerUnavailable(f"lost the Triton server at '{url}' during the generation: {message}")
-    if "RESOURCE_EXHAUSTED" in status and "rate" in message.lower():
-        return ServerBusy(f"'{url}' rate-limits this server: {message}")
-    if "DEADLINE_EXCEEDED" in status:
-        return ServerUnavailable(f"'{url}' did not answer in time: {message}")
-    return error_from_message(MODEL_NAME, message)
 
 
 def _grpc_failure(error: BaseException, url: str) -> KandinskyClientError:
-    """tritonclient's InferenceServerException or grpc's AioRpcError, classified."""
-    code = getattr(error, "code", None)
-    if callable(code):  # grpc.aio.AioRpcError
-        return server_error(str(code()), str(error.details() or ""), url)
-    status = getattr(error, "status", None)
-    status_text = str(status() or "") if callable(status) else ""
-    message = error.message() if hasattr(error, "message") else str(error)
-    return server_error(status_text, message or str(error), url)
+    """tritonclient's InferenceServerException or grpc's AioRpcError, classified as the client does
+    (`kandinsky_core.errors.classify`: statuses first, then the server's kinds; stream resets, 429s)."""
+    classified = classify_exception(error, model=MODEL_NAME, url=url)
+    return classified if classified is not None else classify(None, str(error), model=MODEL_NAME, url=url)
 
 
 class KandinskyModel:
