@@ -92,6 +92,20 @@ class Request:
             "postprocess_image": generations,
         }
 
+    def expected_rows(self, generations: int) -> dict[str, int]:
+        """Batch rows the network models compute for `generations` text-to-image generations (Triton's
+        `inference_count`): the same whether each step is its own request or steps travel together (the
+        server loop's step batching merges requests, so their count is not known in advance)."""
+        prior_guidance = (
+            self.guidance_scale if self.prior_guidance_scale is None else self.prior_guidance_scale
+        )
+        images = self.num_images_per_prompt * generations
+        return {
+            "prior": self.prior_num_inference_steps * images * (2 if prior_guidance > 1 else 1),
+            "unet": self.num_inference_steps * images * (2 if self.guidance_scale > 1 else 1),
+            "postprocess_image": images,
+        }
+
     def options(self) -> dict[str, Any]:
         """The request's keywords for `KandinskyClient.text_to_image` (GenerationRequest fields)."""
         prior_guidance = (
@@ -168,9 +182,14 @@ def snapshot(client: KandinskyClient) -> Snapshot:
 
 
 def settled_delta(
-    client: KandinskyClient, before: Snapshot, expected: Mapping[str, int], timeout_s: float = 2.0
+    client: KandinskyClient,
+    before: Snapshot,
+    expected: Mapping[str, int],
+    timeout_s: float = 2.0,
+    counter: str = "success_count",
 ) -> dict[str, dict[str, int]]:
-    """Statistics accumulated since `before`, read once every expected request is counted.
+    """Statistics accumulated since `before`, read once every expected request (or, with `counter`
+    "inference_count", every expected batch row) is counted.
 
     Triton records a request's statistics when the backend releases it, which can come a moment after
     the client has its response; reading at once could miss the window's last requests.
@@ -179,9 +198,9 @@ def settled_delta(
     while True:
         delta = stats_delta(before, snapshot(client))
         missing = {
-            model: (delta[model].get("success_count", 0), count)
+            model: (delta[model].get(counter, 0), count)
             for model, count in expected.items()
-            if model in delta and delta[model].get("success_count", 0) < count
+            if model in delta and delta[model].get(counter, 0) < count
         }
         if not missing or time.monotonic() > deadline:
             if missing:
@@ -247,7 +266,10 @@ def run_level(
         client.close()
     if errors:
         raise RuntimeError(f"a worker failed ({loop} loop, concurrency {concurrency})") from errors[0]
-    delta = settled_delta(stats_client, before, request.expected_requests(len(records)))
+    # Rows, not requests: the server loop's step batching sends fewer requests than there are steps.
+    delta = settled_delta(
+        stats_client, before, request.expected_rows(len(records)), counter="inference_count"
+    )
     return summarize_level(concurrency, request, records, wall, delta, loop=loop)
 
 

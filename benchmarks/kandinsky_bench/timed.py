@@ -2,6 +2,8 @@
 
     kandinsky-bench timed                                       # the issue's grid (see the cell count)
     kandinsky-bench timed --sizes 768 --concurrency 1 8 --schedules ddpm-25+50 --repeats 4
+    kandinsky-bench timed --sizes 768 --loops server --dispatch per-request step-batching
+    kandinsky-bench timed --flavour cpu --sizes 512 --schedules dpm-10+20 --dispatch per-request step-batching
 
 The `timed` repository (`kandinsky_repository/generator/timed_flavour.py`) is the tensorrt flavour's configuration
 with every network a python model sleeping its modelled GPU time on `--gpu` (`gpu_costs.py`), all of them
@@ -15,6 +17,17 @@ Two repositories from the same bundle:
 - `none` (zero modelled time), run first: per (schedule, size, loop) at concurrency 1, the stub hop: the time
   Triton spends in the timed networks' python models (compute_input + compute_infer + compute_output) with
   nothing to sleep, per denoising step. The real flavour's C++ backend has no such hop; subtract it.
+
+`--dispatch`: how the server loop sends its generations' steps (the `kandinsky` model's `step_batching`):
+`per-request` (each generation's step is its own BLS request) and/or `step-batching` (one request per
+step of every generation in the same loop, `python_models/step_batching.py`). Each mode gets its own
+repository and server, all started at once; every cell runs each mode's window in turn (the order
+alternating), so both see the same machine. The client loop is measured once. The stub hop is measured
+with the first mode (at concurrency 1 both send the same calls).
+
+`--flavour cpu`: the same grid on the CPU flavour, the networks computing with ONNX Runtime on this CPU:
+nothing is modelled (no bound, no stub hop); the rows report measured latency, throughput, rows per
+execution and the time outside the networks' compute per step.
 
 Per cell: p50/p99 latency; images/s, against the bound the modelled costs allow at that concurrency (every
 network batching all running generations' rows up to its batch limit, the GPU never idle); modelled
@@ -51,6 +64,7 @@ from kandinsky_core.gpu_costs import (
 )
 from kandinsky_core.profiles import PROFILE_MIN_SIZE, PROFILE_OPT_SIZE
 from kandinsky_core.request import GenerationRequest
+from kandinsky_repository.python_models.step_batching import DEFAULT_STEP_BATCHING, PER_REQUEST, STEP_BATCHING
 from tqdm.auto import tqdm
 
 from .report import TARGET_OUTSIDE_PER_STEP_S, write_json
@@ -88,6 +102,17 @@ TARGET_CONCURRENCY = 8
 TARGET_ROWS_FRACTION = 0.9
 TARGET_THROUGHPUT_FRACTION = 0.9
 LABEL = "modelled: {gpu} timed flavour, {preset} bundle standing in for the {architecture} architecture"
+CPU_LABEL = "measured: cpu flavour on this machine's CPU, {preset} bundle (nothing modelled)"
+FLAVOURS = ("timed", "cpu")
+# How the server loop dispatches its steps: `--dispatch` names -> the `kandinsky` model's `step_batching`.
+DISPATCHES = {"per-request": PER_REQUEST, "step-batching": STEP_BATCHING}
+DEFAULT_DISPATCH = next(name for name, value in DISPATCHES.items() if value == DEFAULT_STEP_BATCHING)
+# The step-batching targets, reported (never asserted): at every concurrency both per-step models' rows
+# per execution at least this share of the ideal; images/s at TARGET_CONCURRENCY at least this many times
+# per-request dispatch's; p50 at concurrency 1 no worse than per-request dispatch's beyond this share (noise).
+TARGET_STEP_ROWS_FRACTION = 0.95
+TARGET_STEP_SPEEDUP = 1.2
+TARGET_STEP_P50_NOISE = 0.03
 
 
 @dataclass(frozen=True)
@@ -148,13 +173,27 @@ class TimedPlan:
     preset: str
     gpu_costs: str
     architecture: str
+    dispatches: tuple[str, ...] = (DEFAULT_DISPATCH,)
+    flavour: str = "timed"
 
     @property
     def max_image_size(self) -> int:
         return max(self.sizes)
 
+    @property
+    def modelled(self) -> bool:
+        return self.flavour == "timed"
+
+    def variants(self) -> list[tuple[str, str | None]]:
+        """(loop, dispatch) of every window of a cell: the client loop once, the server loop per dispatch."""
+        return [
+            (loop, None) if loop == "client" else (loop, dispatch)
+            for loop in self.loops
+            for dispatch in ((None,) if loop == "client" else self.dispatches)
+        ]
+
     def cells(self) -> int:
-        return len(self.schedules) * len(self.sizes) * len(self.loops) * len(self.concurrency)
+        return len(self.schedules) * len(self.sizes) * len(self.variants()) * len(self.concurrency)
 
     def generations(self, concurrency: int) -> int:
         """Generations of one window (`served.requests_per_worker` x workers)."""
@@ -166,9 +205,10 @@ class TimedPlan:
         for schedule in self.schedules:
             for size in self.sizes:
                 for concurrency in self.concurrency:
-                    count = self.generations(concurrency) * len(self.loops)
+                    count = self.generations(concurrency) * len(self.variants())
                     generations += count
-                    seconds += count * modelled_bound(self.gpu, size, schedule, concurrency, costs)
+                    if self.modelled:
+                        seconds += count * modelled_bound(self.gpu, size, schedule, concurrency, costs)
         return {"cells": self.cells(), "generations": generations, "modelled_gpu_s": seconds}
 
 
@@ -258,15 +298,14 @@ def cell_row(
     schedule: Schedule,
     size: int,
     gpu: str,
-    costs: Mapping[str, Any],
+    costs: Mapping[str, Any] | None,
     hop: Mapping[str, float] | None,
+    dispatch: str | None = None,
 ) -> dict[str, Any]:
-    """Every number of one (schedule, size, loop, concurrency) window, from `served.run_level`'s summary."""
+    """Every number of one (schedule, size, loop, dispatch, concurrency) window, from `served.run_level`'s
+    summary. `costs` None: the cpu flavour, where nothing is modelled (those numbers are None)."""
     concurrency, generations = level["concurrency"], level["requests"]
     steps = schedule.total_steps
-    alone = modelled_alone(gpu, size, schedule, costs)
-    bound_s = modelled_bound(gpu, size, schedule, concurrency, costs)
-    busy = modelled_busy(level["models"], gpu, size, costs)
     wall = level["wall_s"]
     per_worker = generations / concurrency  # every worker ran the same number (run_level)
     step_models = {m: level["models"].get(m, {}) for m in STEP_MODELS}
@@ -278,31 +317,57 @@ def cell_row(
         "steps": schedule.steps,
         "size": size,
         "loop": level["loop"],
+        "dispatch": dispatch,  # the server loop's (None: the client loop)
         "concurrency": concurrency,
         "generations": generations,
         "wall_s": wall,
         "latency": level["latency"],
         "images_per_s": level["images_per_s"],
-        # Modelled GPU time of one image alone (nothing batched with it), and at ideal batching.
-        "modelled_compute_per_image_s": alone,
-        "modelled_bound_per_image_s": bound_s,
-        "bound_images_per_s": math.inf if bound_s == 0 else 1.0 / bound_s,
-        "of_bound": level["images_per_s"] * bound_s,
-        # Sum of the modelled time of the executions the window ran, over its wall time.
-        "modelled_busy_s": busy,
-        "gpu_busy_share": busy / wall,
-        # Concurrency 1 only: the issue's measure, (p50 latency - modelled compute of the generation) /
-        # steps. Above 1 a latency also holds the other generations' GPU time: None.
-        "outside_modelled_per_step_s": (level["latency"]["p50"] - alone) / steps
-        if concurrency == 1
-        else None,
-        # Any concurrency: the modelled GPU's idle time per step of a worker's back-to-back generations.
-        "gpu_idle_per_step_s": (wall - busy) / (per_worker * steps),
+        # Concurrency 1 only: (wall - the networks' compute in Triton) / steps (`served.summarize_level`);
+        # on the timed flavour the compute is the modelled sleep plus the stub hop.
+        "outside_compute_per_step_s": level["overhead"]["outside_per_step_s"] if concurrency == 1 else None,
+        # Triton's queue time per prior/UNet request (one per step per generation under per-request
+        # dispatch; one per loop iteration under step batching).
         "queue_per_step_s": sum(s.get("queue_s", 0.0) for s in step_models.values()) / max(1, step_requests),
         "stub_hop": dict(hop) if hop else None,
         "models": level["models"],
         "samples_s": level["samples_s"],
     }
+    if costs is not None:
+        alone = modelled_alone(gpu, size, schedule, costs)
+        bound_s = modelled_bound(gpu, size, schedule, concurrency, costs)
+        busy = modelled_busy(level["models"], gpu, size, costs)
+        row.update(
+            {
+                # Modelled GPU time of one image alone (nothing batched with it), and at ideal batching.
+                "modelled_compute_per_image_s": alone,
+                "modelled_bound_per_image_s": bound_s,
+                "bound_images_per_s": math.inf if bound_s == 0 else 1.0 / bound_s,
+                "of_bound": level["images_per_s"] * bound_s,
+                # Sum of the modelled time of the executions the window ran, over its wall time.
+                "modelled_busy_s": busy,
+                "gpu_busy_share": busy / wall,
+                # Concurrency 1 only: the issue's measure, (p50 latency - modelled compute of the
+                # generation) / steps. Above 1 a latency also holds the other generations' GPU time: None.
+                "outside_modelled_per_step_s": (level["latency"]["p50"] - alone) / steps
+                if concurrency == 1
+                else None,
+                # Any concurrency: the modelled GPU's idle time per step of a worker's back-to-back generations.
+                "gpu_idle_per_step_s": (wall - busy) / (per_worker * steps),
+            }
+        )
+    else:
+        for key in (
+            "modelled_compute_per_image_s",
+            "modelled_bound_per_image_s",
+            "bound_images_per_s",
+            "of_bound",
+            "modelled_busy_s",
+            "gpu_busy_share",
+            "outside_modelled_per_step_s",
+            "gpu_idle_per_step_s",
+        ):
+            row[key] = None
     for model in STEP_MODELS:
         stats = step_models[model]
         ideal = ideal_rows(model, concurrency)
@@ -377,26 +442,34 @@ def measure_stub_hops(
 
 
 def measure_cells(
-    url: str,
+    urls: Mapping[str, str],
     plan: TimedPlan,
     hops: Mapping[tuple[str, int, str], Mapping[str, float]],
-    costs: Mapping[str, Any],
+    costs: Mapping[str, Any] | None,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    """On the `--gpu` repository: every (schedule, size, loop, concurrency) window."""
+    """Every (schedule, size, loop, dispatch, concurrency) window; `urls`: each dispatch's server (the
+    client loop runs on the first's). `costs` None: the cpu flavour."""
     rows = []
-    with (
-        open_client(url, plan.protocol, plan.loops[0]) as stats_client,
-        tqdm(total=plan.cells(), desc=f"timed {plan.gpu}", unit="cell", disable=not progress) as bar,
-    ):
+    first = urls[plan.dispatches[0]]
+    variants = plan.variants()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(
+            tqdm(total=plan.cells(), desc=f"{plan.flavour} {plan.gpu}", unit="cell", disable=not progress)
+        )
+        stats_clients = {
+            url: stack.enter_context(open_client(url, plan.protocol, "client")) for url in urls.values()
+        }
         for schedule in plan.schedules:
             for size in plan.sizes:
                 request = request_for(schedule, size)
-                warm_up(url, plan.protocol, request, plan.loops)
+                for loop, dispatch in variants:
+                    warm_up(urls[dispatch] if dispatch else first, plan.protocol, request, [loop])
                 for index, concurrency in enumerate(plan.concurrency):
-                    # The loops' order alternates from level to level, as in `served.run_served`.
-                    turn = plan.loops if index % 2 == 0 else tuple(reversed(plan.loops))
-                    for loop in turn:
+                    # The windows' order alternates from level to level, as in `served.run_served`.
+                    turn = variants if index % 2 == 0 else list(reversed(variants))
+                    for loop, dispatch in turn:
+                        url = urls[dispatch] if dispatch else first
                         level = run_level(
                             url,
                             plan.protocol,
@@ -404,7 +477,7 @@ def measure_cells(
                             loop=loop,
                             concurrency=concurrency,
                             repeats=plan.repeats,
-                            stats_client=stats_client,
+                            stats_client=stats_clients[url],
                             progress=progress,
                         )
                         row = cell_row(
@@ -414,36 +487,52 @@ def measure_cells(
                             gpu=plan.gpu,
                             costs=costs,
                             hop=hops.get((schedule.name, size, loop)),
+                            dispatch=dispatch,
                         )
                         rows.append(row)
                         bar.update(1)
                         logger.info(
-                            "%s %dpx %s loop c=%d: p50 %.3fs, %.3f images/s (%.0f%% of bound), GPU busy %.0f%%",
+                            "%s %dpx %s c=%d: p50 %.3fs, %.3f images/s, UNet %.0f%% / prior %.0f%% of the "
+                            "ideal rows",
                             schedule.name,
                             size,
-                            loop,
+                            loop_label(row),
                             concurrency,
                             row["latency"]["p50"],
                             row["images_per_s"],
-                            100 * row["of_bound"],
-                            100 * row["gpu_busy_share"],
+                            100 * row["unet_rows_of_ideal"],
+                            100 * row["prior_rows_of_ideal"],
                         )
     schedules = {schedule.name: i for i, schedule in enumerate(plan.schedules)}
-    loops = {loop: i for i, loop in enumerate(plan.loops)}
+    order = {variant: i for i, variant in enumerate(variants)}
     return sorted(
-        rows, key=lambda r: (schedules[r["schedule"]], r["size"], loops[r["loop"]], r["concurrency"])
+        rows,
+        key=lambda r: (
+            schedules[r["schedule"]],
+            r["size"],
+            order[(r["loop"], r["dispatch"])],
+            r["concurrency"],
+        ),
     )
 
 
+def loop_label(row: Mapping[str, Any]) -> str:
+    """The loop as the tables name it: the server loop with its dispatch unless it is the default's."""
+    dispatch = row.get("dispatch")
+    return row["loop"] if dispatch in (None, DEFAULT_DISPATCH) else f"{row['loop']}, {dispatch}"
+
+
 def run_timed(plan: TimedPlan, artifacts_dir: Path, output: Path, progress: bool = True) -> dict[str, Any]:
-    """Build (or reuse) the bundle, write both timed repositories, measure the stub hop, then every cell."""
+    """Build (or reuse) the bundle, write the repositories (timed: the zero-time one and one per dispatch;
+    cpu: one per dispatch), measure the stub hop (timed), then every cell with every dispatch's server
+    running."""
     from kandinsky_repository.generator.repository import RepositoryOptions, generate_repository
 
     from .artifacts import ensure_artifacts
     from .machine import load_average, machine, versions
 
-    costs = load_costs(plan.gpu_costs or None)
-    estimate = plan.estimate(costs)
+    costs = load_costs(plan.gpu_costs or None) if plan.modelled else None
+    estimate = plan.estimate(costs or {})
     logger.info(
         "%d cells, %d timed generations: at least %.0f s of modelled GPU time, plus warm-ups and the stub-hop runs",
         estimate["cells"],
@@ -454,27 +543,43 @@ def run_timed(plan: TimedPlan, artifacts_dir: Path, output: Path, progress: bool
         artifacts_dir, preset=plan.preset, checkpoint_root=None, repository_options=None
     ).bundle
     output.mkdir(parents=True, exist_ok=True)
-    repositories = {}
-    for gpu in (NO_GPU, plan.gpu):
+
+    def repository(gpu: str, dispatch: str) -> Path:
         options = RepositoryOptions(
-            flavour="timed",
+            flavour=plan.flavour,
             gpu=gpu,
             gpu_costs=plan.gpu_costs,
             architecture=plan.architecture,
             max_image_size=plan.max_image_size,
             max_concurrent_generations=max(plan.concurrency),
+            step_batching=DISPATCHES[dispatch],
         )
-        repositories[gpu] = artifacts_dir / f"timed-{gpu}"
-        generate_repository(bundle, repositories[gpu], options)
+        name = f"timed-{gpu}-{dispatch}" if plan.modelled else f"cpu-{dispatch}"
+        generate_repository(bundle, artifacts_dir / name, options)
+        return artifacts_dir / name
+
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     described = machine()
-    with serving(repositories[NO_GPU], output) as server:
-        hops = measure_stub_hops(url_of(server, plan.protocol), plan, progress)
-    with serving(repositories[plan.gpu], output) as server:
-        rows = measure_cells(url_of(server, plan.protocol), plan, hops, costs, progress)
+    hops: dict[tuple[str, int, str], dict[str, float]] = {}
+    if plan.modelled:
+        with serving(repository(NO_GPU, plan.dispatches[0]), output) as server:
+            hops = measure_stub_hops(url_of(server, plan.protocol), plan, progress)
+    with contextlib.ExitStack() as stack:
+        urls = {
+            dispatch: url_of(
+                stack.enter_context(serving(repository(plan.gpu, dispatch), output)), plan.protocol
+            )
+            for dispatch in plan.dispatches
+        }
+        rows = measure_cells(urls, plan, hops, costs, progress)
     described["load_average_end"] = load_average()
+    label = (
+        LABEL.format(gpu=plan.gpu, preset=plan.preset, architecture=plan.architecture)
+        if plan.modelled
+        else CPU_LABEL.format(preset=plan.preset)
+    )
     return {
-        "label": LABEL.format(gpu=plan.gpu, preset=plan.preset, architecture=plan.architecture),
+        "label": label,
         "date": started,
         "machine": described,
         "versions": versions(),
@@ -491,6 +596,7 @@ def run_timed(plan: TimedPlan, artifacts_dir: Path, output: Path, progress: bool
             {"schedule": name, "size": size, "loop": loop, **hop} for (name, size, loop), hop in hops.items()
         ],
         "rows": rows,
+        "dispatch_comparison": dispatch_comparison(rows),
     }
 
 
@@ -511,7 +617,7 @@ def _rows_cell(row: Mapping[str, Any], model: str) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One markdown row per cell (rows of one schedule)."""
+    """One markdown row per cell (rows of one schedule), timed flavour: the modelled columns too."""
     lines = [
         "| size | loop | concurrency | generations | p50 s | p99 s | images/s | bound images/s | of bound "
         "| modelled GPU busy | modelled compute ms/image | outside modelled compute ms/step (c=1) "
@@ -524,11 +630,29 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         outside = row["outside_modelled_per_step_s"]
         outside = "–" if outside is None else _ms(outside)
         lines.append(
-            f"| {row['size']} | {row['loop']} | {row['concurrency']} | {row['generations']} | "
+            f"| {row['size']} | {loop_label(row)} | {row['concurrency']} | {row['generations']} | "
             f"{row['latency']['p50']:.3f} | {row['latency']['p99']:.3f} | {row['images_per_s']:.3f} | "
             f"{row['bound_images_per_s']:.3f} | {100 * row['of_bound']:.0f}% | {100 * row['gpu_busy_share']:.0f}% | "
             f"{_ms(row['modelled_compute_per_image_s'])} | {outside} | {_ms(row['gpu_idle_per_step_s'])} | "
             f"{'n/a' if hop is None else _ms(hop)} | {1e3 * row['queue_per_step_s']:.3f} | "
+            f"{_rows_cell(row, 'unet')} | {_rows_cell(row, 'prior')} |"
+        )
+    return lines
+
+
+def cpu_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One markdown row per cell (rows of one schedule), cpu flavour: measured numbers only."""
+    lines = [
+        "| size | loop | concurrency | generations | p50 s | p99 s | images/s | outside compute ms/step (c=1) "
+        "| queue ms/step | UNet rows/execution (ideal) | prior rows/execution (ideal) |",
+        "|" + "---|" * 11,
+    ]
+    for row in rows:
+        outside = row["outside_compute_per_step_s"]
+        lines.append(
+            f"| {row['size']} | {loop_label(row)} | {row['concurrency']} | {row['generations']} | "
+            f"{row['latency']['p50']:.3f} | {row['latency']['p99']:.3f} | {row['images_per_s']:.3f} | "
+            f"{'–' if outside is None else _ms(outside)} | {1e3 * row['queue_per_step_s']:.3f} | "
             f"{_rows_cell(row, 'unet')} | {_rows_cell(row, 'prior')} |"
         )
     return lines
@@ -541,7 +665,7 @@ def target_lines(result: Mapping[str, Any]) -> list[str]:
     for row in result["rows"]:
         if row["size"] != TARGET_SIZE or row["loop"] != "server":
             continue
-        where = f"{row['schedule']}, {gpu}, {TARGET_SIZE} px, server loop, concurrency {row['concurrency']}"
+        where = f"{row['schedule']}, {gpu}, {TARGET_SIZE} px, {loop_label(row)} loop, concurrency {row['concurrency']}"
         net = row["outside_modelled_per_step_less_hop_s"]
         if net is not None:
             lines.append(
@@ -567,43 +691,151 @@ def target_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def dispatch_comparison(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (schedule, size): step batching against per-request dispatch on the server loop, and the
+    step-batching targets (rows at every concurrency, images/s at TARGET_CONCURRENCY, p50 at 1)."""
+    server = {
+        (r["schedule"], r["size"], r["dispatch"], r["concurrency"]): r for r in rows if r["loop"] == "server"
+    }
+    groups = sorted({(schedule, size) for schedule, size, _, _ in server}, key=lambda g: (g[1], g[0]))
+    comparisons = []
+    for schedule, size in groups:
+        levels = sorted({c for s, z, d, c in server if (s, z, d) == (schedule, size, "step-batching")})
+        pairs = [
+            (server[(schedule, size, "per-request", c)], server[(schedule, size, "step-batching", c)])
+            for c in levels
+            if (schedule, size, "per-request", c) in server
+        ]
+        if not pairs:
+            continue
+        by_concurrency = {step["concurrency"]: (base, step) for base, step in pairs}
+        worst_rows = min(step[f"{m}_rows_of_ideal"] for _, step in pairs for m in STEP_MODELS)
+        speedup = p50_ratio = None
+        if TARGET_CONCURRENCY in by_concurrency:
+            base, step = by_concurrency[TARGET_CONCURRENCY]
+            speedup = step["images_per_s"] / base["images_per_s"]
+        if 1 in by_concurrency:
+            base, step = by_concurrency[1]
+            p50_ratio = step["latency"]["p50"] / base["latency"]["p50"]
+        comparisons.append(
+            {
+                "schedule": schedule,
+                "size": size,
+                "concurrency": [c for c, _ in sorted(by_concurrency.items())],
+                "speedup": {
+                    c: step["images_per_s"] / base["images_per_s"]
+                    for c, (base, step) in by_concurrency.items()
+                },
+                "worst_rows_of_ideal": worst_rows,
+                "rows_met": worst_rows >= TARGET_STEP_ROWS_FRACTION,
+                "speedup_at_target": speedup,
+                "speedup_met": None if speedup is None else speedup >= TARGET_STEP_SPEEDUP,
+                "p50_ratio_at_1": p50_ratio,
+                "p50_met": None if p50_ratio is None else p50_ratio <= 1 + TARGET_STEP_P50_NOISE,
+            }
+        )
+    return comparisons
+
+
+def dispatch_lines(result: Mapping[str, Any]) -> list[str]:
+    """The comparison of both dispatches, one line per (schedule, size), with the targets' verdicts."""
+
+    def verdict(met: bool | None) -> str:
+        return "not measured" if met is None else ("met" if met else "**not met**")
+
+    lines = []
+    for c in result.get("dispatch_comparison", []):
+        # (JSON keys are strings: sorted as numbers)
+        speedups = ", ".join(
+            f"c={k} {v:.2f}x" for k, v in sorted(c["speedup"].items(), key=lambda kv: int(kv[0]))
+        )
+        at_target = c["speedup_at_target"]
+        p50 = c["p50_ratio_at_1"]
+        lines.append(
+            f"- {c['schedule']}, {c['size']} px: images/s of step batching over per-request dispatch {speedups}; "
+            f"rows per execution at least {100 * c['worst_rows_of_ideal']:.0f}% of the ideal at every "
+            f"concurrency (target >= {100 * TARGET_STEP_ROWS_FRACTION:.0f}%: {verdict(c['rows_met'])}); "
+            f"at concurrency {TARGET_CONCURRENCY} "
+            + ("–" if at_target is None else f"{at_target:.2f}x")
+            + f" (target >= {TARGET_STEP_SPEEDUP}x: {verdict(c['speedup_met'])}); p50 at concurrency 1 "
+            + ("–" if p50 is None else f"{100 * (p50 - 1):+.1f}%")
+            + f" (target <= +{100 * TARGET_STEP_P50_NOISE:.0f}%: {verdict(c['p50_met'])})"
+        )
+    return lines
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     settings, machine = result["settings"], result["machine"]
+    modelled = settings.get("flavour", "timed") == "timed"
     lines = [
-        f"# Timed flavour ({result['label']})",
+        f"# {'Timed' if modelled else 'CPU'} flavour ({result['label']})",
         "",
         f"- command: `{result['command']}`",
         f"- date: {result['date']}",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM; load average "
         f"at start {machine['load_average_start']}, at end {machine['load_average_end']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        f"- **modelled**: every network sleeps its modelled time on {settings['gpu']} "
-        f"(`gpu_costs.json`, architecture '{settings['architecture']}'), one network at a time; pre/post-"
-        "processing, both loops, Triton and transport are real, on this CPU",
+    ]
+    if modelled:
+        lines += [
+            f"- **modelled**: every network sleeps its modelled time on {settings['gpu']} "
+            f"(`gpu_costs.json`, architecture '{settings['architecture']}'), one network at a time; pre/post-"
+            "processing, both loops, Triton and transport are real, on this CPU",
+        ]
+    else:
+        lines += ["- **measured**: the cpu flavour, every network computing with ONNX Runtime on this CPU"]
+    lines += [
         f"- {settings['protocol']}, guidance {settings['guidance_scale']}, one image per generation, "
         f"{settings['repeats']}+ generations per cell (p99 of few samples is close to their maximum), "
-        f"repository: tensorrt configuration, max_concurrent_generations {settings['max_concurrent_generations']}",
-        "- bound images/s: the modelled costs with every network batching all running generations' rows (up to "
-        "its batch limit) and the GPU never idle; ideal rows per execution: the same batching, "
-        "min(concurrency x 2 rows, batch limit), as the GPU-serving targets define it: a generation in its UNet phase cannot "
-        "join a prior batch, so the prior reaches it only while the running generations' priors line up",
-        "- outside modelled compute (c=1): (p50 latency - modelled compute of the generation) / steps; modelled "
-        "GPU idle per step (every concurrency): (wall - modelled busy time) / steps of one worker's generations, "
-        "where busy = every execution's batch (Triton's batch statistics) priced by the cost model",
-        "- stub hop: Triton's compute_input + compute_infer + compute_output of the timed networks per step, "
-        "measured on the zero-time repository (`--gpu none`) at concurrency 1, same schedule, size and loop: "
-        "what a C++ backend would not spend; subtract it",
-        "- queue: Triton's queue time per prior/UNet request (one per step)",
+        f"repository: {'tensorrt configuration' if modelled else 'cpu flavour'}, max_concurrent_generations "
+        f"{settings['max_concurrent_generations']}",
+        "- server loop dispatch: "
+        + ", ".join(settings.get("dispatches", [DEFAULT_DISPATCH]))
+        + f" (the loop column names it unless it is the default, {DEFAULT_DISPATCH}); each dispatch its own "
+        "repository and server, every cell's windows in turn",
     ]
-    targets = target_lines(result)
+    if modelled:
+        lines += [
+            "- bound images/s: the modelled costs with every network batching all running generations' rows (up "
+            "to its batch limit) and the GPU never idle; ideal rows per execution: the same batching, "
+            "min(concurrency x 2 rows, batch limit), as the GPU-serving targets define it: a generation in its "
+            "UNet phase cannot join a prior batch, so the prior reaches it only while the running generations' "
+            "priors line up",
+            "- outside modelled compute (c=1): (p50 latency - modelled compute of the generation) / steps; "
+            "modelled GPU idle per step (every concurrency): (wall - modelled busy time) / steps of one worker's "
+            "generations, where busy = every execution's batch (Triton's batch statistics) priced by the cost model",
+            "- stub hop: Triton's compute_input + compute_infer + compute_output of the timed networks per step, "
+            "measured on the zero-time repository (`--gpu none`) at concurrency 1, same schedule, size and loop: "
+            "what a C++ backend would not spend; subtract it",
+        ]
+    else:
+        lines += [
+            "- ideal rows per execution: min(concurrency x 2 rows, batch limit); outside compute (c=1): (wall "
+            "time - the networks' compute in Triton) / steps",
+        ]
+    lines += ["- queue: Triton's queue time per prior/UNet request (per step under per-request dispatch)"]
+    targets = target_lines(result) if modelled else []
     if targets:
         lines += ["", "## GPU-serving targets (reported, not asserted)", "", *targets]
+    compared = dispatch_lines(result)
+    if compared:
+        lines += [
+            "",
+            "## Step batching against per-request dispatch (targets reported, not asserted)",
+            "",
+            *compared,
+        ]
     for schedule in settings["schedules"]:
         mine = [row for row in result["rows"] if row["schedule"] == schedule["name"]]
         if not mine:
             continue
         described = Schedule(**schedule).describe()
-        lines += ["", f"## {schedule['name']} ({described})", "", *table(mine)]
+        lines += [
+            "",
+            f"## {schedule['name']} ({described})",
+            "",
+            *(table(mine) if modelled else cpu_table(mine)),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -634,12 +866,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=DEFAULT_REPEATS, help="generations per cell, at least (default 8)"
     )
+    parser.add_argument(
+        "--dispatch",
+        nargs="+",
+        choices=list(DISPATCHES),
+        default=[DEFAULT_DISPATCH],
+        help="how the server loop sends its steps (the kandinsky model's step_batching): per-request and/or "
+        f"step-batching, each on its own server, measured side by side (default: {DEFAULT_DISPATCH})",
+    )
+    parser.add_argument(
+        "--flavour",
+        choices=FLAVOURS,
+        default="timed",
+        help="timed: the GPU configuration at modelled step times (default); cpu: the cpu flavour, computed",
+    )
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument(
         "--preset", default="tiny", help="the bundle giving the tensors shapes (default: tiny)"
     )
     parser.add_argument("--artifacts", type=Path, help="default: artifacts/<preset>")
-    parser.add_argument("--output", type=Path, help="default: benchmarks/results/timed-<gpu>-<timestamp>")
+    parser.add_argument(
+        "--output", type=Path, help="default: benchmarks/results/timed-<gpu>-<timestamp> (cpu-<timestamp>)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -651,13 +899,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats and concurrency levels must be >= 1")
     largest = max(args.sizes)
     smallest = min(PROFILE_MIN_SIZE, largest)  # the engine profiles' floor (`ProfileSettings.for_max_size`)
-    if any(size < smallest for size in args.sizes):
+    if args.flavour == "timed" and any(size < smallest for size in args.sizes):
         parser.error(
             f"with {largest} px the largest size, the timed repository serves sides >= {smallest} px"
         )
     args.sizes = sorted(set(args.sizes))
     args.concurrency = sorted(set(args.concurrency))
     args.loops = list(dict.fromkeys(args.loops))
+    args.dispatch = list(dict.fromkeys(args.dispatch))
     return args
 
 
@@ -676,9 +925,12 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset,
         gpu_costs=args.gpu_costs,
         architecture=args.architecture,
+        dispatches=tuple(args.dispatch),
+        flavour=args.flavour,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    output = args.output or Path("benchmarks") / "results" / f"timed-{args.gpu}-{stamp}"
+    name = f"timed-{args.gpu}-{stamp}" if args.flavour == "timed" else f"cpu-{stamp}"
+    output = args.output or Path("benchmarks") / "results" / name
     result = run_timed(
         plan, args.artifacts or Path("artifacts") / args.preset, output, progress=not args.no_progress
     )

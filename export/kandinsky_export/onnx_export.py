@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint
 from .controlnet import check_controlnet_movq, check_controlnet_unet
 from .inpaint_movq import movq_record, own_movq_components
+from .memory import measure_bundle
 from .modules import build_wrapper, sample_inputs, to_torch
 from .tokenizer import tokenizer_bundle, write_tokenizer_bundle
 
@@ -245,6 +246,7 @@ def export_bundle(
     out_dir: Path,
     components: list[str] | None = None,
     allow_inpaint_movq_mismatch: bool = False,
+    measure_memory: bool = True,
 ) -> list[ParityReport]:
     """Export every component the checkpoint has (or `components`), the constants and the manifest.
 
@@ -254,6 +256,8 @@ def export_bundle(
     Exporting a subset keeps the other components' entries of the previous manifest.
     The inpainting repo's own MoVQ is compared with the decoder's first (inpaint_movq.py): it is exported
     as `movq_*_inpaint` only where it differs (and not `allow_inpaint_movq_mismatch`), else shared.
+    Each exported component's peak memory is measured at a few sizes (memory.py) for the CPU flavour's
+    memory budget, unless not `measure_memory`.
     """
     movq = movq_record(checkpoint, allow_mismatch=allow_inpaint_movq_mismatch)
     own_movq = own_movq_components(movq)
@@ -286,6 +290,9 @@ def export_bundle(
     export_tokenizer(checkpoint, out_dir)
     export_image_processor(checkpoint, out_dir)
     manifest = build_manifest(checkpoint, out_dir, wanted, reports, previous)
+    if measure_memory:
+        for component, entry in measure_bundle(out_dir, wanted, checkpoint.dims).items():
+            manifest["components"][component]["memory"] = entry
     for stale in set(INPAINT_MOVQ_COMPONENTS) - set(own_movq) - set(wanted):
         manifest["components"].pop(stale, None)  # an earlier export's own MoVQ, now shared
     manifest["movq"] = movq

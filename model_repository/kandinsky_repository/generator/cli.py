@@ -9,7 +9,9 @@ from pathlib import Path
 
 from kandinsky_core.bundle import BundleError
 from kandinsky_core.gpu_costs import GPUS, NO_GPU
+from kandinsky_core.memory import BUDGET_FRACTION, GIB
 
+from ..python_models.step_batching import STEP_BATCHING_MODES
 from ..settings import DEFAULTS
 from .gpu_backends import GPU_MAX_QUEUE_DELAY_US
 from .repository import DEFAULT_MAX_IMAGE_SIZE, FLAVOURS, RepositoryOptions, generate_repository
@@ -82,7 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.max_generation_seconds,
         help="time limit of one server-side generation",
     )
+    parser.add_argument(
+        "--step-batching",
+        choices=STEP_BATCHING_MODES,
+        default=defaults.step_batching,
+        help="how server-side generations send their denoising steps: off (each its own request; "
+        "Triton's dynamic batcher merges what is queued) or on (one request per step of every "
+        "generation in the same loop; see docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=defaults.memory_budget_bytes / GIB,
+        help="cpu flavour: host memory (GiB) the network calls may take at once; a request that can never "
+        "fit is refused, server-side generations wait for room (default 0: "
+        f"{BUDGET_FRACTION:.0%} of this machine's memory after the networks' weights)",
+    )
     args = parser.parse_args(argv)
+    if args.memory_budget_gib < 0:
+        parser.error("--memory-budget-gib must be >= 0 (0: derived from this machine)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = RepositoryOptions(
         flavour=args.flavour,
@@ -102,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent_generations=args.max_concurrent_generations,
         max_queued_generations=args.max_queued_generations,
         max_generation_seconds=args.max_generation_seconds,
+        memory_budget_bytes=int(args.memory_budget_gib * GIB),
+        step_batching=args.step_batching,
     )
     try:
         models = generate_repository(args.bundle, args.output, options)

@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from kandinsky_core.components import DTYPES, MAX_IMAGE_SIZE, ModelDims, ModelSpec, TensorSpec
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..python_models.step_batching import DEFAULT_STEP_BATCHING
 from ..settings import DEFAULTS
 
 FLAVOURS = ("cpu", "onnxruntime", "tensorrt", "timed")
@@ -51,6 +52,12 @@ class RepositoryOptions:
     max_concurrent_generations: int = DEFAULTS.max_concurrent_generations
     max_queued_generations: int = DEFAULTS.max_queued_generations
     max_generation_seconds: float = DEFAULTS.max_generation_seconds
+    # cpu flavour: host memory the network calls may take at once, in bytes (see kandinsky_core.memory);
+    # 0: BUDGET_FRACTION of this machine's memory after the networks' weights
+    memory_budget_bytes: int = 0
+    # How the `kandinsky` model sends its generations' denoising steps: "off" (per-request dispatch) or "on"
+    # (step-level batching; see python_models/step_batching.py).
+    step_batching: str = DEFAULT_STEP_BATCHING
 
 
 def dtype_enum(dtype: str) -> int:

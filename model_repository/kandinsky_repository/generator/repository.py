@@ -12,6 +12,7 @@ Pre/post-processing models and ensembles are the same in every flavour.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -34,6 +35,7 @@ from kandinsky_core.components import (
     ServedModelSpec,
     TensorSpec,
 )
+from kandinsky_core.memory import MemoryFit, MemoryPlan
 from kandinsky_core.profiles import image_size_limits, intersect_size_limits
 from kandinsky_core.server_info import (
     IMAGE_SIZES_PARAMETER,
@@ -45,6 +47,7 @@ from kandinsky_core.wire import MODEL_NAME
 from tqdm.auto import tqdm
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..python_models.step_batching import STEP_BATCHING_MODES, STEP_BATCHING_PARAMETER
 from .configs import (
     FLAVOURS,
     RepositoryOptions,
@@ -59,6 +62,7 @@ from .configs import (
 from .gpu_backends import configure_gpu_component
 from .kandinsky_model_config import ENTRY_POINT as GENERATION_ENTRY_POINT
 from .kandinsky_model_config import generation_config
+from .tensorrt_flavour import ACTIVATION_MEMORY_PARAMETER
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +243,8 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
 
     models: dict[str, ModelSpec] = {}
     configs: dict[str, mc.ModelConfig] = {}
+    fits: dict[str, MemoryFit] = {}
+    weights: dict[str, int] = {}
     size_limits = [image_size_limits(dims.size_multiple, options.max_image_size)]
     for name in tqdm(manifest["components"], desc=f"writing {options.flavour} repository", unit="model"):
         spec = COMPONENTS[name]
@@ -255,6 +261,8 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
                 config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us or 0
             for source in files:
                 place_file(source, version_dir / source.name)
+            fits[name] = recorded_fit(bundle, name, manifest["components"][name])
+            weights[name] = sum(source.stat().st_size for source in files)
         else:
             limits = configure_gpu_component(
                 config, spec, dims, bundle / name, manifest["components"][name], version_dir, options
@@ -264,6 +272,16 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
         limit_queue(config, spec, options)
         configs[name] = config
     set_parameters(configs["unet"], {IMAGE_SIZES_PARAMETER: intersect_size_limits(size_limits)})
+    memory = None
+    if fits:
+        memory = MemoryPlan.build(
+            fits, weights, options.instances, options.max_image_size, options.memory_budget_bytes
+        )
+        for name, model_memory in memory.models.items():
+            set_parameters(
+                configs[name], {**model_memory.as_parameters(), "kandinsky_dims": manifest["dims"]}
+            )
+        log_memory_plan(memory)
     for name, config in configs.items():
         write_config(output / name, config)
 
@@ -288,17 +306,52 @@ def generate_repository(bundle: Path, output: Path, options: RepositoryOptions |
             models[spec.name] = spec
             write_config(output / spec.name, ensemble_config(spec, dims, models))
             (output / spec.name / "1").mkdir(exist_ok=True)
-    write_generation_model(output, dims, options)
-    write_repository_record(output, dims, options)
+    write_generation_model(output, dims, options, memory)
+    write_repository_record(output, dims, options, memory)
     names = sorted([*models, MODEL_NAME])
     logger.info("wrote %d models to %s", len(names), output)
     return names
 
 
-def write_repository_record(output: Path, dims: ModelDims, options: RepositoryOptions) -> None:
+def recorded_fit(bundle: Path, name: str, entry: dict) -> MemoryFit:
+    """The memory fit `kandinsky-export` measured for a component (the CPU flavour's budget needs it)."""
+    if "memory" not in entry:
+        raise ValueError(
+            f"the bundle's manifest records no memory measurement for {name} (an export before the memory "
+            f"budget): run `python -m kandinsky_export.memory --bundle {bundle}`, or export again"
+        )
+    return MemoryFit.from_dict(entry["memory"]["fit"])
+
+
+def log_memory_plan(memory: MemoryPlan) -> None:
+    source = (
+        f"{memory.record()['budget_fraction']:.0%} of {memory.machine_bytes / 2**30:.1f} GiB after "
+        f"{memory.held_bytes / 2**30:.2f} GiB of weights"
+        if memory.machine_bytes
+        else "--memory-budget-gib"
+    )
+    logger.info(
+        "memory budget %.2f GiB (%s); largest call per model: %s",
+        memory.budget_bytes / 2**30,
+        source,
+        ", ".join(f"{name} {m.limit_bytes / 2**30:.2f} GiB" for name, m in memory.models.items()),
+    )
+
+
+def write_repository_record(
+    output: Path, dims: ModelDims, options: RepositoryOptions, memory: MemoryPlan | None = None
+) -> None:
     """`kandinsky_repository.json` at the repository's top (Triton reads only model folders): the format,
-    flavour and options it was generated with, and the /dev/shm its python-backend models may need."""
+    flavour and options it was generated with, the /dev/shm its python-backend models may need, and the
+    memory budget with each network model's share (cpu flavour) or the device memory the TensorRT engines
+    reserve at load (tensorrt flavour)."""
     configs = {path.parent.name: read_config(path.parent) for path in output.glob("*/config.pbtxt")}
+    device = device_memory(configs, output) if options.flavour == "tensorrt" else None
+    if device:
+        logger.info(
+            "the TensorRT engines reserve %.2f GiB of device memory at load (weights and activations)",
+            device["total_bytes"] / 2**30,
+        )
     record = {
         "repository_format": REPOSITORY_FORMAT,
         "flavour": options.flavour,
@@ -306,8 +359,35 @@ def write_repository_record(output: Path, dims: ModelDims, options: RepositoryOp
         "shared_memory_bytes": shared_memory_bytes(
             configs, dims, options.max_image_size, options.max_concurrent_generations
         ),
+        "memory": memory.record() if memory else None,
+        "device_memory": device,
     }
     layout.write_json(output / REPOSITORY_RECORD, record)
+
+
+def device_memory(configs: dict[str, mc.ModelConfig], output: Path) -> dict:
+    """The device memory the tensorrt flavour's engines hold from load on, per model and in all.
+
+    On a GPU the memory budget is reserved, not granted per request: every execution context allocates
+    its activation memory when Triton loads the engine (`tensorrt_activation_memory`: the STATIC figure,
+    every profile at its largest shapes and batch, `profiles.instance_activation_memory`), so no request
+    within the served sizes and batches takes more, and a GPU too small fails at load. Per instance:
+    the engine file (its weights) and that activation memory.
+    """
+    models = {}
+    for name, config in configs.items():
+        if config.platform != "tensorrt_plan" or ACTIVATION_MEMORY_PARAMETER not in config.parameters:
+            continue
+        activation = json.loads(config.parameters[ACTIVATION_MEMORY_PARAMETER].string_value)
+        instances = sum(group.count or 1 for group in config.instance_group) or 1
+        engine = output / name / "1" / config.default_model_filename
+        models[name] = {
+            "instances": instances,
+            "engine_bytes": engine.stat().st_size if engine.is_file() else 0,
+            "activation_bytes": int(activation["per_instance_bytes"]),
+        }
+    total = sum(m["instances"] * (m["engine_bytes"] + m["activation_bytes"]) for m in models.values())
+    return {"models": models, "total_bytes": total}
 
 
 def _tensor_bytes(tensor: TensorSpec, batch: int, dims: ModelDims, side: int) -> int:
@@ -368,8 +448,13 @@ def shared_memory_bytes(
     return total
 
 
-def write_generation_model(output: Path, dims: ModelDims, options: RepositoryOptions) -> None:
-    """The `kandinsky` server-side generation model (see kandinsky_model_config.py)."""
+def write_generation_model(
+    output: Path, dims: ModelDims, options: RepositoryOptions, memory: MemoryPlan | None = None
+) -> None:
+    """The `kandinsky` server-side generation model (see kandinsky_model_config.py); with a memory plan
+    (cpu flavour), the budget its running generations share and every network model's part of it."""
+    if options.step_batching not in STEP_BATCHING_MODES:
+        raise ValueError(f"step batching '{options.step_batching}' is not one of {STEP_BATCHING_MODES}")
     configs = {path.parent.name: read_config(path.parent) for path in output.glob("*/config.pbtxt")}
     config = generation_config(configs, dims.embed_dim)
     set_parameters(
@@ -378,6 +463,11 @@ def write_generation_model(output: Path, dims: ModelDims, options: RepositoryOpt
             "max_concurrent_generations": str(options.max_concurrent_generations),
             "max_queued_generations": str(options.max_queued_generations),
             "max_generation_seconds": str(options.max_generation_seconds),
+            "memory_budget_bytes": str(memory.budget_bytes if memory else 0),
+            "memory_models": {
+                name: m.as_parameters() for name, m in (memory.models.items() if memory else ())
+            },
+            STEP_BATCHING_PARAMETER: options.step_batching,
         },
     )
     python_backend(config, output / MODEL_NAME / "1", GENERATION_ENTRY_POINT, options)

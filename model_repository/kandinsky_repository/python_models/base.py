@@ -93,8 +93,8 @@ class BatchingModel:
                     responses[index] = _cancelled_response(pb_utils, self.name)
                 else:
                     live.append((index, inputs))
-            if live:
-                self._run_group(pb_utils, live, responses)
+            for part in self.split_group(live) if live else ():
+                self._run_group(pb_utils, part, responses)
         return responses
 
     def _run_group(self, pb_utils: Any, group: list, responses: list[Any]) -> None:
@@ -130,6 +130,11 @@ class BatchingModel:
                 for name, value in parts.items()
             ]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def split_group(self, group: list[tuple[int, dict[str, np.ndarray]]]) -> list[list]:
+        """The parts of a merged group that run as one batch each (all of it unless a subclass bounds the
+        batch, e.g. by memory: requests that each fit may not fit together)."""
+        return [group]
 
     def _groups(self, ready: list[tuple[int, dict[str, np.ndarray]]]) -> list[list]:
         """Requests whose inputs agree on every non-batch dimension can run as one batch."""

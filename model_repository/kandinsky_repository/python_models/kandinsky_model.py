@@ -3,7 +3,9 @@
 A decoupled python-backend model that runs the client's own generation core (`kandinsky_client.
 generation.Generator`) with a BLS transport: every network evaluation is a `pb_utils.InferenceRequest`
 to the same Triton models the client would call, so they go through the per-step models' dynamic
-batcher and concurrent generations share UNet and prior executions. The request is checked with the
+batcher and concurrent generations share UNet and prior executions. With `step_batching` on, the
+generations' steps go through a `StepBatcher` instead (`step_batching.py`): one BLS request per loop
+iteration carries the current step of every generation in that loop. The request is checked with the
 client's own validation, so a bad field gets the same message on both paths.
 
 Per request: optional progress responses (one per denoising step, with `progress`; `preview_every` adds
@@ -20,6 +22,13 @@ Parameters (config.pbtxt, written by the repository generator):
   max_generation_seconds      time limit of a generation (a request may ask for less with timeout_s)
   served_models               JSON list of the repository's models (a mode whose models are absent is
                               refused by name, without asking Triton on every request)
+  memory_budget_bytes         host memory the running generations' network calls may take at once
+  memory_models               JSON {network model: its memory fit and limit} (cpu flavour; see
+                              kandinsky_core.memory): a generation whose largest call exceeds its model's
+                              limit is refused (invalid argument, naming it); one whose estimated peak
+                              does not fit beside the running ones waits, in arrival order
+  step_batching               "off": per-request dispatch (each generation's step is its own BLS
+                              request); "on": step-level batching (see step_batching.py)
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,15 +54,20 @@ from kandinsky_core.errors import (
     error_message,
 )
 from kandinsky_core.generation import DECODER_STAGE, Generator
+from kandinsky_core.memory import GenerationBudget, ModelMemory, format_gib, request_peak
 from kandinsky_core.server_info import ServerInfo
 from kandinsky_core.validation import plan_request
 from kandinsky_core.wire import ResponseOptions, final_outputs, png_base64, request_from_inputs
 
+from .step_batching import StepBatcher, step_batcher
+
 logger = logging.getLogger("kandinsky_repository")
 
+WAIT_LOG_S = 0.5  # a generation that waited longer than this for memory is logged
 
-class BlsTransport:
-    """`infer(spec, inputs)` as BLS requests from inside Triton, bounded by the generation's deadline.
+
+class BlsCall:
+    """One BLS request from inside Triton: `(spec, inputs, deadline) -> outputs`, bounded by the deadline.
 
     Outputs are asked for in CPU memory. Without `preferred_memory` a BLS response keeps each output
     where the callee produced it (python_backend's `ResponseAlloc`): a TensorRT model, an ONNX Runtime
@@ -62,19 +76,21 @@ class BlsTransport:
     client loop pays too (Triton copies GPU outputs to the host to send them).
     """
 
-    def __init__(self, pb_utils: Any, deadline: float) -> None:
+    def __init__(self, pb_utils: Any) -> None:
         self.pb_utils = pb_utils
-        self.deadline = deadline
         self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
-    def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, spec: ModelSpec, inputs: Mapping[str, np.ndarray], deadline: float
+    ) -> dict[str, np.ndarray]:
+        """`inputs` as the served model takes them (`model_inputs`); `deadline` on time.monotonic()."""
         pb = self.pb_utils
-        remaining_us = int((self.deadline - time.monotonic()) * 1e6)
+        remaining_us = int((deadline - time.monotonic()) * 1e6)
         if remaining_us <= 0:
             raise RequestTimeout(f"the generation's time limit passed before '{spec.name}'")
         request = pb.InferenceRequest(
             model_name=spec.name,
-            inputs=[pb.Tensor(name, value) for name, value in model_inputs(spec, inputs).items()],
+            inputs=[pb.Tensor(name, value) for name, value in inputs.items()],
             requested_output_names=[t.name for t in spec.outputs],
             timeout=remaining_us,  # the callee's queue drops it when the generation's time is up
             preferred_memory=self.cpu_memory,
@@ -86,6 +102,48 @@ class BlsTransport:
             t.name: _host_array(spec.name, pb.get_output_tensor_by_name(response, t.name))
             for t in spec.outputs
         }
+
+
+class BlsTransport:
+    """`infer(spec, inputs)` of one generation inside Triton: a BLS request per call, bounded by the
+    generation's deadline; with a `StepBatcher`, the per-step models' calls (`called_per_step`) go through
+    it and share one BLS request with the same step of the other generations in their loop.
+
+    `check()` raises when the generation should stop (cancelled); with a batcher a step runs it while
+    its batch forms or runs. `close()` when the generation ends (its loops stop waiting for it).
+    """
+
+    def __init__(
+        self,
+        call: BlsCall,
+        deadline: float,
+        batcher: StepBatcher | None = None,
+        name: str = "",
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        self.call = call
+        self.deadline = deadline
+        self.batcher = batcher
+        self.member = batcher.member(name) if batcher is not None else None
+        self.check = check
+
+    @property
+    def batched(self) -> bool:
+        """Whether the per-step models' calls go through the step batcher."""
+        return self.batcher is not None
+
+    def infer(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = model_inputs(spec, inputs)
+        if self.batcher is None or self.member is None:
+            return self.call(spec, arrays, self.deadline)
+        if getattr(spec, "called_per_step", False):
+            return self.batcher.infer(self.member, spec, arrays, self.deadline, self.check)
+        self.batcher.leave(self.member)  # another model: its step loop does not wait for it meanwhile
+        return self.call(spec, arrays, self.deadline)
+
+    def close(self) -> None:
+        if self.batcher is not None and self.member is not None:
+            self.batcher.leave(self.member)
 
 
 def _host_array(model: str, tensor: Any) -> np.ndarray:
@@ -126,8 +184,19 @@ class KandinskyGeneration:
         self.max_seconds = float(parameters["max_generation_seconds"])
         self.served_models = set(json.loads(parameters["served_models"]))
         self.pool = ThreadPoolExecutor(self.max_running, thread_name_prefix="generation")
+        self.call = BlsCall(pb_utils)
+        self.step_batcher = step_batcher(parameters, self.call)  # None: per-request dispatch
         self.lock = threading.Lock()
         self.admitted = 0  # running + waiting for a thread
+        # The memory budget running generations share, and each network model's part (cpu flavour; none
+        # on the GPU flavours, whose networks reserve their device memory at load).
+        self.memory = GenerationBudget(int(parameters.get("memory_budget_bytes", "0")))
+        self.memory_models = {
+            name: memory
+            for name, values in json.loads(parameters.get("memory_models", "{}")).items()
+            if (memory := ModelMemory.from_parameters(values)) is not None
+        }
+        self.held = threading.local()  # the bytes this generation thread holds of the budget
         self.zero_image_embeds: np.ndarray | None = None
 
     def execute(self, requests: list[Any]) -> None:
@@ -157,6 +226,8 @@ class KandinskyGeneration:
             logger.exception("generation failed")
             self._send_error(sender, RuntimeError(f"internal error: {error}"))
         finally:
+            self.memory.release(getattr(self.held, "bytes", 0))
+            self.held.bytes = 0
             with self.lock:
                 self.admitted -= 1
 
@@ -172,7 +243,14 @@ class KandinskyGeneration:
         self._stop_if_abandoned(request, deadline)  # it may have waited for a thread
         plan = plan_request(generation_request, self.info)  # checked, with the schedulers its loops run
         checked = plan.request
-        transport = BlsTransport(pb, deadline)
+        self._hold_memory(request, checked, deadline)  # before the transport joins any step loop
+        transport = BlsTransport(
+            self.call,
+            deadline,
+            self.step_batcher,
+            threading.current_thread().name,
+            check=lambda: self._stop_if_abandoned(request, deadline),
+        )
         generator = Generator(transport, self.info, self.zero_image_embeds)
         missing = [m for m in generator.required_models(checked.mode) if m not in self.served_models]
         if missing:
@@ -185,7 +263,11 @@ class KandinskyGeneration:
         def step_end(stage: str, step: int, timestep: int, latents: np.ndarray) -> None:
             nonlocal done
             done += 1
-            self._stop_if_abandoned(request, deadline)
+            # Step batching: the next step checks cancellation (an IPC round trip) while its batch forms
+            # (BlsTransport), not here, where it would hold the batch; the last step of a loop checks here.
+            self._stop_if_abandoned(
+                request, deadline, cancellation=not (transport.batched and step + 1 < loop_steps[stage])
+            )
             if options.progress:
                 outputs = {
                     "stage": np.array([stage.encode()], dtype=np.object_),
@@ -205,11 +287,26 @@ class KandinskyGeneration:
                     outputs["preview"] = np.array([png_base64(_image(x)) for x in rgb], dtype=np.object_)
                 sender.send(pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()]))
 
-        result = generator.generate(plan, None, step_end)
+        try:
+            result = generator.generate(plan, None, step_end)
+        finally:
+            transport.close()  # its step loops stop counting on it (an error, a cancel, or done)
         self.zero_image_embeds = generator._zero_image_embeds
         outputs = final_outputs(result, checked.seed, options.return_image_embeds)
         final = pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()])
         sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _hold_memory(self, request: Any, checked: Any, deadline: float) -> None:
+        """Refuse a generation whose largest network call can never fit its model's share of the memory
+        budget (InvalidRequest naming the limit), else wait, in arrival order, until its estimated peak fits
+        beside the running generations' (released in `_serve`). It waits on its generation thread: with
+        `max_concurrent_generations` threads waiting, later requests queue, then are refused as busy."""
+        models = Generator(None, self.info).required_models(checked.mode)  # the mode's served models only
+        peak = request_peak(checked, models, self.memory_models)
+        waited = self.memory.acquire(peak, lambda: self._stop_if_abandoned(request, deadline))
+        self.held.bytes = peak
+        if waited > WAIT_LOG_S:
+            logger.info("a generation waited %.1f s for %s of the memory budget", waited, format_gib(peak))
 
     def _time_limit(self, request: Any, options: ResponseOptions) -> float:
         """The server's limit, lowered by the request's own (timeout_s, or Triton's request timeout)."""
@@ -223,8 +320,8 @@ class KandinskyGeneration:
         return min(limits)
 
     @staticmethod
-    def _stop_if_abandoned(request: Any, deadline: float) -> None:
-        if request.is_cancelled():
+    def _stop_if_abandoned(request: Any, deadline: float, cancellation: bool = True) -> None:
+        if cancellation and request.is_cancelled():
             raise Cancelled("the client cancelled the generation")
         if time.monotonic() > deadline:
             raise RequestTimeout("the generation's time limit passed; it was stopped")
