@@ -192,8 +192,10 @@ serve() {
         || fail "no model repository in ${REPOSITORY}: run the prepare step first (docker compose up runs it;" \
             "or: docker run ... IMAGE-prepare prepare)"
     check_shared_memory
+    # The gateway is a service of its own here (compose's `gateway`: kandinsky-gateway), so kandinsky-serve
+    # runs none in this container (KANDINSKY_SERVE_ARGS=--gateway would add one).
     # shellcheck disable=SC2086  # KANDINSKY_SERVE_ARGS is a list of arguments
-    exec kandinsky-serve \
+    KANDINSKY_GATEWAY=none exec kandinsky-serve \
         --repository "${REPOSITORY}" \
         --host 0.0.0.0 --health-host 0.0.0.0 \
         --admin-key-file "${DATA}/admin.key" \

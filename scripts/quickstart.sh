@@ -43,10 +43,22 @@ ART=artifacts/$NAME
 [ -f "$ART/onnx/manifest.json" ] || kandinsky-export onnx "${SOURCE[@]}" --output "$ART/onnx"
 kandinsky-repository --bundle "$ART/onnx" --output "$ART/model_repository"
 
+# kandinsky-serve puts its gateway (nginx + njs) in front of Triton; setup.sh installed both where it could.
+# Where it could not, serve without it (loopback only, as always here) and say what that means.
+GATEWAY=()
+if ! python -c 'from kandinsky_repository.gateway.nginx import find_nginx, njs_load_module
+njs_load_module(find_nginx())' >/dev/null 2>&1; then
+  echo "quickstart: WARNING: no nginx with its njs module here (Debian/Ubuntu: apt-get install nginx" \
+    "libnginx-mod-http-js); serving without the gateway (--no-gateway): Triton takes requests unchecked," \
+    "on 127.0.0.1 only" >&2
+  GATEWAY=(--no-gateway)
+fi
+
 PORT=${PORT:-8001}
 LOG=$ART/serve.out
 kandinsky-serve --repository "$ART/model_repository" --grpc-port "$PORT" --http-port $((PORT + 100)) \
-  --metrics-port $((PORT + 101)) --health-port $((PORT + 102)) --log-file "$ART/triton.log" >"$LOG" 2>&1 &
+  --metrics-port $((PORT + 101)) --health-port $((PORT + 102)) --log-file "$ART/triton.log" "${GATEWAY[@]}" \
+  >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 until grep -q "Triton is serving" "$LOG"; do

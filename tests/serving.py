@@ -97,6 +97,24 @@ class Served:
         text = self.output
         return int(text.split(marker, 1)[1].split()[0]) if marker in text else self.http_port
 
+    def triton_grpc_port(self) -> int:
+        """Triton's own gRPC port (an internal one behind the gateway)."""
+        marker = "Triton on 127.0.0.1:"
+        text = self.output
+        return (
+            int(text.split(marker, 1)[1].split("/ 127.0.0.1:", 1)[1].split(")")[0])
+            if marker in text
+            else self.grpc_port
+        )
+
+    def nginx_master(self) -> int | None:
+        """The gateway's nginx master process (a child of kandinsky-serve), if one runs."""
+        for pid in subprocess.run(
+            ["pgrep", "-P", str(self.process.pid), "nginx"], capture_output=True, text=True
+        ).stdout.split():
+            return int(pid)
+        return None
+
     def wait_recovered(self, recoveries: int, timeout: float = 180.0) -> dict:
         """The health report once deep-ready with at least `recoveries` recoveries behind it."""
 
@@ -117,7 +135,8 @@ class Served:
 
 
 def start_serve(repository: Path, log_dir: Path, *extra: str, timeout: float = 240.0) -> Served:
-    """`kandinsky-serve` on free ports with TEST_ADMIN_KEY; returns once it prints "Triton is serving"."""
+    """`kandinsky-serve` on free ports with TEST_ADMIN_KEY (its defaults otherwise: the gateway in front);
+    returns once it prints "Triton is serving"."""
     ports = [free_port() for _ in range(4)]
     log_file = log_dir / "triton.log"
     command = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from kandinsky_client.pipeline import KandinskyClient, ServerInfo
@@ -37,6 +39,31 @@ def test_client_rejects_bad_arguments(grpc_client, kwargs, field, fragment):
         grpc_client.text_to_image(**{**FAST, **kwargs})
     assert error.value.field == field
     assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "prior_guidance_scale"])
+def test_a_huge_guidance_scale_is_refused_naming_its_range_on_both_loops(
+    grpc_client, server_loop_clients, triton_server, field
+):
+    """1e308 is finite, so it passed: uncond + g * (cond - uncond) overflowed float32 and the client loop's
+    next UNet step answered "input 'sample' contains NaN". Now it is an invalid argument naming the field
+    and its range, on the client loop (checked before anything is sent) and on the server loop (the
+    server's own check, reached by sending the request as it is, over gRPC and HTTP)."""
+    from kandinsky_client.remote import RemoteGenerator
+
+    request = GenerationRequest(prompt="x", **{**FAST, field: 1e308})
+    with pytest.raises(InvalidRequest) as local:
+        check_request(request, grpc_client.info)
+    assert local.value.field == field and re.search(r"\[[^],]+, [^]]+\]", str(local.value)), local.value
+    for client in (grpc_client, *server_loop_clients.values()):
+        with pytest.raises(InvalidRequest) as refused:
+            client.text_to_image(**{**FAST, "prompt": "x", field: 1e308})
+        assert refused.value.field == field and str(refused.value) == str(local.value)
+    for protocol, url in (("grpc", triton_server.grpc_url), ("http", triton_server.http_url)):
+        remote = RemoteGenerator(url, protocol, 60.0, {}, grpc_client.info.dims.embed_dim)
+        with pytest.raises(InvalidRequest) as served:
+            remote.generate(request)
+        assert str(served.value) == str(local.value), protocol
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

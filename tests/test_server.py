@@ -1,4 +1,5 @@
-"""The server command starts Triton, waits for every model, and stops without leaving processes behind."""
+"""The server command starts Triton behind its gateway, waits for every model, and stops without leaving
+processes behind; without nginx it says how to go on; --no-gateway warns."""
 
 from __future__ import annotations
 
@@ -35,26 +36,31 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
-def test_serve_command_stops_cleanly_on_sigterm(tiny_repository, tmp_path):
+def _serve_command(repository: Path, log: Path, *extra: str) -> list[str]:
     ports = [free_port(), free_port(), free_port(), free_port()]
+    return [
+        sys.executable,
+        "-m",
+        "kandinsky_repository.serving.server",
+        "--repository",
+        str(repository),
+        "--http-port",
+        str(ports[0]),
+        "--grpc-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--health-port",
+        str(ports[3]),
+        "--log-file",
+        str(log),
+        *extra,
+    ]
+
+
+def test_serve_command_stops_cleanly_on_sigterm(nginx_with_njs, tiny_repository, tmp_path):
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kandinsky_repository.serving.server",
-            "--repository",
-            str(tiny_repository),
-            "--http-port",
-            str(ports[0]),
-            "--grpc-port",
-            str(ports[1]),
-            "--metrics-port",
-            str(ports[2]),
-            "--health-port",
-            str(ports[3]),
-            "--log-file",
-            str(tmp_path / "server.log"),
-        ],
+        _serve_command(tiny_repository, tmp_path / "server.log"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,18 +74,52 @@ def test_serve_command_stops_cleanly_on_sigterm(tiny_repository, tmp_path):
             break
     assert any("Triton is serving" in line for line in lines), "".join(lines)
     assert all(m in "".join(lines) for m in repository_models(tiny_repository))
-    children = subprocess.run(
-        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert len(children) == 1, "one tritonserver child"
-    server_group = os.getpgid(int(children[0]))
+    children = {
+        name: subprocess.run(
+            ["pgrep", "-P", str(process.pid), name], capture_output=True, text=True
+        ).stdout.split()
+        for name in ("tritonserver", "nginx")
+    }
+    assert len(children["tritonserver"]) == 1 and len(children["nginx"]) == 1, children
+    server_group = os.getpgid(int(children["tritonserver"][0]))
+    gateway_group = os.getpgid(int(children["nginx"][0]))
     assert len(_group_alive(server_group)) > 1, "the server runs python backend stubs in its group"
+    assert len(_group_alive(gateway_group)) > 1, "nginx runs workers in its group"
 
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 0
     assert "stopped" in out
-    assert _group_alive(server_group) == []
+    assert _group_alive(server_group) == [] and _group_alive(gateway_group) == []
+
+
+def test_without_nginx_the_server_says_how_to_go_on(tiny_repository, tmp_path, monkeypatch, capsys):
+    """The gateway is the default: where nginx is missing, kandinsky-serve stops before it starts anything
+    and names both ways on (install it, or --no-gateway)."""
+    from kandinsky_repository.gateway import nginx as gateway_module
+    from kandinsky_repository.serving.server import main
+
+    def missing() -> Path:
+        raise gateway_module.GatewayUnavailable(f"nginx not found; {gateway_module.INSTALL_HINT}")
+
+    monkeypatch.setattr(gateway_module, "find_nginx", missing)
+    assert main(_serve_command(tiny_repository, tmp_path / "server.log")[3:]) == 2
+    error = capsys.readouterr().err
+    assert "apt-get install nginx libnginx-mod-http-js" in error and "--no-gateway" in error, error
+
+
+def test_an_unknown_gateway_setting_is_refused(tiny_repository, tmp_path):
+    env = {**os.environ, "KANDINSKY_GATEWAY": "haproxy"}
+    result = subprocess.run(
+        _serve_command(tiny_repository, tmp_path / "server.log"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        result.returncode == 2 and "KANDINSKY_GATEWAY is 'haproxy'; it must be nginx or none" in result.stderr
+    )
 
 
 def test_missing_model_is_reported_by_name(tiny_repository, tmp_path):

@@ -17,4 +17,5 @@ until [[ -f "${dir}/READY" ]]; do
     waited=$((waited + 10))
 done
 log "serving ${dir}/model_repository"
-exec kandinsky-serve --repository "${dir}/model_repository" "$@"
+# The gateway pods (kandinsky-gateway) are the way in: no gateway of its own in this pod.
+KANDINSKY_GATEWAY=none exec kandinsky-serve --repository "${dir}/model_repository" "$@"

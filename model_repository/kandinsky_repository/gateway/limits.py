@@ -48,6 +48,24 @@ from ..generator.repository import DEFAULT_MAX_IMAGE_SIZE, read_config
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
+# Bytes per element of each Triton data type on the wire (BYTES: variable, a 4-byte length per element
+# and its bytes). The gateway checks that binary and raw tensor data match the declared shape with it.
+TRITON_ITEM_BYTES: dict[str, int] = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "INT8": 1,
+    "UINT16": 2,
+    "INT16": 2,
+    "FP16": 2,
+    "BF16": 2,
+    "UINT32": 4,
+    "INT32": 4,
+    "FP32": 4,
+    "UINT64": 8,
+    "INT64": 8,
+    "FP64": 8,
+    "BYTES": 0,
+}
 # Models whose image input is bounded by MAX_INPUT_IMAGE_SIDE rather than by the generation size.
 _CLIP_IMAGE_MODELS = frozenset({"preprocess_clip_image", "encode_image"})
 

@@ -6,17 +6,24 @@ rate-limits per client address (`limit_req`), and its njs module can read a JSON
 decide on it before proxying (`js_content` + `r.internalRedirect`), which is what stops the JSON
 declared-shape crashes; HAProxy would need Lua for the JSON inspection.
 
+`kandinsky-serve` runs it by default (Triton then listens on internal loopback ports whose inference APIs
+need the admin key, which only the gateway adds: no unchecked request reaches Triton's request readers).
+
 What it allows (everything else: 403/404 over HTTP, PERMISSION_DENIED over gRPC, each with a message):
 - HTTP/1.1 on `--host`:`--http-port`: `POST /v2/models/<m>[/versions/<v>]/infer`, `POST .../generate`
   and `.../generate_stream`, `GET /v2/health/live`, `GET /v2/health/ready` (kandinsky-serve's deep
   readiness, not Triton's), `GET /v2/models/<m>[/versions/<v>][/ready|/config]`, `GET /v2`,
-  `POST /v2/repository/index` (read-only; the gateway adds the admin key for this route only);
+  `POST /v2/repository/index` (read-only; of Triton's admin APIs, the gateway adds the admin key to
+  this route only, and to the inference requests it checked: behind kandinsky-serve, Triton's inference
+  APIs need it);
 - gRPC (HTTP/2 without TLS) on `--host`:`--grpc-port`: ServerLive, ServerReady, ModelReady,
   ServerMetadata, ModelMetadata, ModelConfig, ModelInfer, ModelStreamInfer, RepositoryIndex.
-Bodies are capped (`gateway_limits.py` says how the cap is computed), JSON bodies of infer and generate
-requests are checked by `files/kandinsky_gateway.js`, an optional bearer token is required on
-both protocols, each client address is rate-limited (429 / RESOURCE_EXHAUSTED), and a Triton that does
-not answer (restarting) gives 503 + JSON (UNAVAILABLE over gRPC): retryable.
+Bodies are capped (`limits.py` says how the cap is computed); every request body is read and checked
+before Triton sees it: HTTP bodies and gRPC `ModelInfer` messages by `files/kandinsky_gateway.js` (njs),
+`ModelStreamInfer` messages by the stream relay (`relay.py`, a thread of this process on a unix socket).
+An optional bearer token is required on both protocols, each client address is rate-limited and has a
+bound of requests in flight (429 / RESOURCE_EXHAUSTED), slow clients are cut off (settings.py), and a
+Triton that does not answer (restarting) gives 503 + JSON (UNAVAILABLE over gRPC): retryable.
 
 Several Triton replicas (`deploy/`, Kubernetes): `--triton-http`, `--triton-grpc` and `--health-url`
 each take one address per replica, or a host name with several addresses (a headless Service), which
@@ -32,7 +39,10 @@ The configuration is rendered from `files/nginx.conf.template` and the defaults 
 prefix (pid, temp paths, error log), so it needs no root and touches nothing else. Standalone:
 `kandinsky-gateway --triton-http H:P --triton-grpc H:P --health-url URL --repository R` (Docker compose
 and the Kubernetes chart run it as its own service; `--write-config DIR` only renders, for other
-deployments).
+deployments; they must run the stream relay too, or ModelStreamInfer answers UNAVAILABLE).
+
+nginx runs in its own process group: when its master dies (kill -9), its orphaned workers still hold the
+listening sockets, so the group is killed before nginx is started again and when it stops.
 """
 
 from __future__ import annotations
@@ -58,7 +68,8 @@ from urllib.parse import urlsplit
 
 from ..admin import AdminKey, check_secret, resolve_admin_key
 from ..settings import DEFAULTS
-from .limits import generate_fields, json_text_limit, read_configs, request_limits
+from .limits import TRITON_ITEM_BYTES, generate_fields, json_text_limit, read_configs, request_limits
+from .relay import StreamRelay
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +87,9 @@ MODULE_DIRS = (
     "/usr/local/lib/nginx/modules",
 )
 INSTALL_HINT = "install nginx and its njs module (Debian/Ubuntu: apt-get install nginx libnginx-mod-http-js)"
+RELAY_SOCKET = "stream-relay.sock"  # the stream relay listens here (in the runtime folder)
+CHECKED_SOCKET = "stream-checked.sock"  # nginx takes the relay's checked messages to Triton here
+_UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 class GatewayUnavailable(RuntimeError):
@@ -115,7 +129,10 @@ class GatewayOptions:
     rate_per_s: int = DEFAULTS.rate_per_s
     burst: int = DEFAULTS.burst
     max_in_flight: int = DEFAULTS.max_in_flight
-    max_body_bytes: int | None = None  # None: computed from the repository (gateway_limits.py)
+    header_timeout_s: int = DEFAULTS.client_header_timeout_s
+    body_timeout_s: int = DEFAULTS.client_body_timeout_s
+    send_timeout_s: int = DEFAULTS.send_timeout_s
+    max_body_bytes: int | None = None  # None: computed from the repository (limits.py)
     json_max_elements: int | None = None  # None: computed from the repository
     worker_processes: str = "auto"
     resolve_interval_s: float = 0.0  # > 0: host names are looked up by the gateway, again this often
@@ -215,12 +232,74 @@ def _token_map(token: str | None) -> tuple[str, str]:
     return "0", f'        "~^Bearer {escaped}$" 1;'
 
 
+# gRPC errors the gateway answers itself (trailers-only: HTTP/2 headers carry grpc-status), by location.
+_GRPC_ERRORS = {
+    "grpc_bad_request": (3, "bad request: the gateway could not read it"),
+    "grpc_internal": (13, "the gateway failed on this request; see its error log"),
+    "grpc_unauthenticated": (
+        16,
+        "unauthenticated: this gateway requires authorization: Bearer <token> metadata",
+    ),
+    "grpc_permission_denied": (7, "permission denied: this method is not available through the gateway"),
+    "grpc_timeout": (4, "the request was not sent in time"),
+    "grpc_too_large": (8, "request larger than the gateway limit of {max_body} bytes"),
+    "grpc_rate_limited": (
+        8,
+        "too many requests from this address (limits: {rate}/s, burst {burst}, {in_flight} in flight); retry later",
+    ),
+    "grpc_unavailable": (14, "the server is restarting or overloaded; retry"),
+}
+
+
+def _grpc_error_locations(**values: object) -> str:
+    blocks = []
+    for name, (status, message) in _GRPC_ERRORS.items():
+        blocks.append(
+            f"        location @{name} {{\n"
+            "            default_type application/grpc;\n"
+            f"            add_header grpc-status {status} always;\n"
+            f'            add_header grpc-message "{message.format(**values)}" always;\n'
+            "            add_header content-length 0 always;\n"
+            "            return 204;\n"
+            "        }"
+        )
+    return "\n".join(blocks)
+
+
+def runtime_sockets(runtime_dir: Path, relay_dir: Path | None = None) -> tuple[Path, Path]:
+    """(the stream relay's socket, in `relay_dir` or else `runtime_dir`; nginx's checked socket, in
+    `runtime_dir`)."""
+    root = Path(runtime_dir).resolve()
+    sockets = Path(relay_dir or root).resolve() / RELAY_SOCKET, root / CHECKED_SOCKET
+    if any(len(str(p).encode()) > _UNIX_PATH_MAX for p in sockets):
+        raise GatewayUnavailable(
+            f"the runtime folder {root} is too long a path for unix sockets; choose a shorter one "
+            "(--gateway-runtime-dir)"
+        )
+    return sockets
+
+
+def _reachable_by_others(folder: Path) -> bool:
+    """Whether every existing folder on the way to `folder` lets other users through (search bit)."""
+    for path in (folder, *folder.parents):
+        with contextlib.suppress(FileNotFoundError):
+            if not path.stat().st_mode & 0o001:
+                return False
+    return True
+
+
 def render(
-    options: GatewayOptions, load_module: str, servers: dict[str, list[str]] | None = None
+    options: GatewayOptions,
+    load_module: str,
+    servers: dict[str, list[str]] | None = None,
+    runtime_dir: Path = Path("."),
+    relay_dir: Path | None = None,
 ) -> tuple[str, dict]:
     """The nginx configuration and the njs config module's contents for `options` (and the replicas'
-    addresses `servers`, by default looked up now)."""
+    addresses `servers`, by default looked up now), run from `runtime_dir` (the relay's socket in
+    `relay_dir`, by default there too)."""
     servers = upstream_servers(options) if servers is None else servers
+    relay_socket, checked_socket = runtime_sockets(runtime_dir, relay_dir)
     configs = read_configs(options.repository)
     limits = request_limits(options.repository, configs)
     max_body = options.max_body_bytes or limits.max_body_bytes
@@ -232,6 +311,7 @@ def render(
         "WORKER_PROCESSES": options.worker_processes,
         "WORKER_CONNECTIONS": str(DEFAULTS.worker_connections),
         "MAX_BODY_BYTES": str(max_body),
+        "HTTP_MAX_BODY_BYTES": str(min(max_body, DEFAULTS.triton_http_max_body_bytes)),
         "AUTH_DEFAULT": auth_default,
         "AUTH_MAP": auth_map,
         "RATE_ZONE_MB": str(DEFAULTS.rate_zone_mb),
@@ -248,6 +328,14 @@ def render(
         "ADMIN_GRPC_HEADER": key.grpc_header if key else f"triton-grpc-protocol-{DEFAULTS.admin_key_header}",
         "ADMIN_KEY": key.key if key else "",
         "CONNECT_TIMEOUT_S": str(DEFAULTS.upstream_connect_timeout_s),
+        "HEADER_TIMEOUT_S": str(options.header_timeout_s),
+        "BODY_TIMEOUT_S": str(options.body_timeout_s),
+        "SEND_TIMEOUT_S": str(options.send_timeout_s),
+        "RELAY_SOCKET": str(relay_socket),
+        "CHECKED_SOCKET": str(checked_socket),
+        "GRPC_ERRORS": _grpc_error_locations(
+            max_body=max_body, rate=options.rate_per_s, burst=options.burst, in_flight=options.max_in_flight
+        ),
         "UPSTREAM_TIMEOUT_S": str(DEFAULTS.upstream_timeout_s),
         "LISTEN_HTTP": address(options.host, options.http_port),
         "LISTEN_GRPC": address(options.host, options.grpc_port),
@@ -255,15 +343,17 @@ def render(
     }
     text = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
     script_config = {
+        "datatype_bytes": TRITON_ITEM_BYTES,
         "json_max_elements": json_elements,
         "json_max_text_bytes": json_text_limit(json_elements),
         "generate": generate_fields(configs),
     }
     logger.info(
-        "gateway limits: body %d bytes (largest request: %s), JSON tensors %d elements, %d requests/s "
-        "per address (burst %d), %d in flight per address%s",
+        "gateway limits: body %d bytes over gRPC (largest request: %s), %d over HTTP (Triton's HTTP "
+        "server), JSON tensors %d elements, %d requests/s per address (burst %d), %d in flight per address%s",
         max_body,
         limits.reason,
+        min(max_body, DEFAULTS.triton_http_max_body_bytes),
         json_elements,
         options.rate_per_s,
         options.burst,
@@ -278,10 +368,11 @@ def write_runtime(
     runtime_dir: Path,
     nginx: Path | None = None,
     servers: dict[str, list[str]] | None = None,
+    relay_dir: Path | None = None,
 ) -> Path:
     """Render everything nginx needs into `runtime_dir`; returns the configuration file."""
     nginx = nginx or find_nginx()
-    text, script_config = render(options, njs_load_module(nginx), servers)
+    text, script_config = render(options, njs_load_module(nginx), servers, runtime_dir, relay_dir)
     runtime_dir.mkdir(parents=True, exist_ok=True)
     runtime_dir.chmod(0o711)  # nginx workers (nobody when started as root) need to traverse it
     for sub in ("js", "temp"):
@@ -289,7 +380,7 @@ def write_runtime(
         (runtime_dir / sub).chmod(0o755 if sub == "js" else 0o711)
     shutil.copy2(SCRIPT, runtime_dir / "js" / SCRIPT.name)
     (runtime_dir / "js" / "kandinsky_gateway_config.js").write_text(
-        "// Written at gateway start from the served repository; see gateway_limits.py.\n"
+        "// Written at gateway start from the served repository; see limits.py.\n"
         f"export default {json.dumps(script_config, indent=1)};\n"
     )
     conf = runtime_dir / "nginx.conf"
@@ -301,14 +392,40 @@ def write_runtime(
     return conf
 
 
+def _group_gone(group: int, timeout: float) -> bool:
+    """Wait until no process of `group` is left (True), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # (the id was reused by another user's group: ours are gone)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 class Gateway:
-    """An nginx process in its own session, configured from `options` into `runtime_dir`."""
+    """An nginx process in its own session, configured from `options` into `runtime_dir`, and the stream
+    relay (a thread of this process) that checks ModelStreamInfer messages for it."""
 
     def __init__(self, options: GatewayOptions, runtime_dir: Path | None = None) -> None:
         self.options = options
         self._own_dir = runtime_dir is None
-        self.runtime_dir = Path(runtime_dir or tempfile.mkdtemp(prefix="kandinsky-gateway-"))
+        self.runtime_dir = Path(runtime_dir or tempfile.mkdtemp(prefix="kandinsky-gateway-")).resolve()
         self.nginx = find_nginx()
+        # nginx's workers connect to the relay's socket; under a root master they run as nobody, who may
+        # not get through to a runtime folder inside a private one: the socket then goes to a folder of
+        # its own in the temporary folder. (The checked socket is for the relay alone: it stays private.)
+        self.relay_dir: Path | None = None
+        if os.geteuid() == 0 and not _reachable_by_others(self.runtime_dir.parent):
+            self.relay_dir = Path(tempfile.mkdtemp(prefix="kandinsky-relay-"))
+            self.relay_dir.chmod(0o711)
+        relay_socket, self.checked_socket = runtime_sockets(self.runtime_dir, self.relay_dir)
+        max_body = options.max_body_bytes or request_limits(options.repository).max_body_bytes
+        self.relay = StreamRelay(relay_socket, self.checked_socket, max_body)
         self.process: subprocess.Popen | None = None
         self.conf: Path | None = None
         self.servers: dict[str, list[str]] = {}
@@ -336,7 +453,7 @@ class Gateway:
         """Render the configuration and have nginx check it (`nginx -t`)."""
         self.servers = upstream_servers(self.options)
         self._resolved_at = time.monotonic()
-        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx, self.servers)
+        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx, self.servers, self.relay_dir)
         self._check()
         logger.info("gateway replicas: %s", ", ".join(self.servers["triton_http"]) or "none yet")
 
@@ -361,7 +478,7 @@ class Gateway:
             ", ".join(self.servers.get("triton_http", [])) or "none",
             ", ".join(servers["triton_http"]) or "none",
         )
-        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx, servers)
+        self.conf = write_runtime(self.options, self.runtime_dir, self.nginx, servers, self.relay_dir)
         try:
             self._check()
         except GatewayUnavailable as error:  # keep serving the previous configuration; try again later
@@ -374,12 +491,33 @@ class Gateway:
         return True
 
     def start(self) -> None:
+        """Start the stream relay (if not running) and nginx; after an nginx that died, first kill what is
+        left of its process group (orphaned workers keep the listening sockets: the new master could not
+        bind them) and its unix socket."""
         if self.conf is None:
             self.prepare()
+        self._kill_group()
+        with contextlib.suppress(FileNotFoundError):
+            self.checked_socket.unlink()  # nginx does not reuse a socket file left by a killed master
+        if self.relay_dir is not None:  # (removed by a previous stop)
+            self.relay_dir.mkdir(exist_ok=True)
+            self.relay_dir.chmod(0o711)
+        self.relay.start()
         logger.info("starting the gateway: %s", " ".join(self._command()))
         self.process = subprocess.Popen(
             self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
+
+    def _kill_group(self) -> None:
+        """SIGKILL nginx's process group (the master, when alive, and its workers) and wait for it."""
+        if self.process is None:
+            return
+        group = self.process.pid  # the master leads its own group (start_new_session)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait()
+        if not _group_gone(group, 5.0):
+            logger.warning("processes of nginx's group %d outlived SIGKILL", group)
 
     def wait_listening(self, timeout: float = 15.0) -> None:
         host, port = host_port(self.http_url)
@@ -398,16 +536,19 @@ class Gateway:
         return None if self.process is None else self.process.poll()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop nginx (SIGTERM: its fast shutdown; then SIGKILL to what is left of its group, workers
+        orphaned by a killed master included) and the stream relay."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)  # nginx's fast shutdown
+                os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 logger.warning("nginx did not stop in %.0fs; killing it", timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self._kill_group()
+        self.relay.stop()
+        if self.relay_dir is not None:
+            shutil.rmtree(self.relay_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
@@ -425,7 +566,7 @@ class Gateway:
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by kandinsky-serve --gateway and kandinsky-gateway."""
+    """Options shared by kandinsky-serve (its gateway) and kandinsky-gateway."""
     parser.add_argument(
         "--gateway-token",
         default=os.environ.get(DEFAULTS.gateway_token_env) or None,

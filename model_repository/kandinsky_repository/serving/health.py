@@ -152,6 +152,22 @@ class HealthServer:
                 else:
                     self._reply(404, {"error": "GET /health/ready or /health/live"})
 
+            timeout = DEFAULTS.health_client_timeout_s
+
+            def _refuse_method(self) -> None:
+                """Any other method: 405 + JSON, and the connection closed. The body is read and dropped
+                first, up to a bound (closing with unread data would reset the connection before the
+                client reads the answer)."""
+                self.close_connection = True
+                length = self.headers.get("Content-Length", "0")
+                left = int(length) if length.isdigit() else 0
+                if left <= DEFAULTS.health_discarded_body_bytes:
+                    while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                        left -= len(chunk)
+                self._reply(405, {"error": "method not allowed: GET /health/ready or /health/live"})
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method  # noqa: N815
+
             def _reply(self, status: int, body: dict) -> None:
                 data = (json.dumps(body) + "\n").encode()
                 self.send_response(status)

@@ -3,12 +3,16 @@
 The tritonserver process itself is `triton.py`.
 
 What `kandinsky-serve` adds around tritonserver (see the README's Security section):
-- it listens on `--host` (127.0.0.1 unless told otherwise) for HTTP, gRPC and metrics;
+- the gateway (nginx + njs, `gateway/`) listens on `--host` (127.0.0.1 unless told otherwise) on the HTTP
+  and gRPC ports and checks every request before Triton reads it; Triton listens on internal loopback
+  ports, where inference needs the admin key, which only the gateway adds. Triton's request readers
+  crash on some requests (a declared shape allocated before the data is counted, deep JSON nesting,
+  shapes whose product overflows): no port of a default kandinsky-serve lets one reach them.
+  `--no-gateway` (or KANDINSKY_GATEWAY=none: the Docker and Kubernetes setups, which run
+  kandinsky-gateway separately) puts Triton itself on those ports, with a warning;
 - shared-memory, logging, trace and model-repository APIs need the admin key (`admin.py`);
 - a supervisor restarts tritonserver when it or a python-backend stub dies (`supervisor.py`);
 - deep readiness on `--health-port` (`health.py`), waited for before "Triton is serving";
-- with `--gateway`, nginx listens on the HTTP/gRPC ports and Triton on internal loopback ports
-  (`gateway.py`);
 - ONNX Runtime's TensorRT engine cache (`--ort-tensorrt` repositories) is built before serving, without
   the ready timeout, or the start stops when it cannot be (`ort_trt_cache.py`); `--build-ort-trt-cache`
   only builds it (the prepare step).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host",
         default=DEFAULTS.host,
-        help="address to listen on (HTTP, gRPC, metrics; the gateway's with --gateway); 0.0.0.0: every interface",
+        help="address to listen on (the gateway's HTTP and gRPC; Triton's own with --no-gateway, metrics too); "
+        "0.0.0.0: every interface",
     )
     parser.add_argument("--http-port", type=int, default=DEFAULTS.http_port)
     parser.add_argument("--grpc-port", type=int, default=DEFAULTS.grpc_port)
@@ -49,7 +55,20 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"read (or create) the admin key there; ${DEFAULTS.admin_key_env} wins; neither: random per start",
     )
-    parser.add_argument("--gateway", action="store_true", help="serve through nginx (see kandinsky-gateway)")
+    parser.add_argument(
+        "--gateway",
+        dest="gateway",
+        action="store_true",
+        default=None,
+        help=f"serve through the gateway, nginx + njs (the default unless ${DEFAULTS.gateway_env}=none)",
+    )
+    parser.add_argument(
+        "--no-gateway",
+        dest="gateway",
+        action="store_false",
+        help="Triton itself on the HTTP and gRPC ports, taking requests unchecked (some crash it): only "
+        "behind a separate kandinsky-gateway or for trusted clients",
+    )
     add_gateway_arguments(parser)
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     parser.add_argument(
@@ -73,8 +92,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_gateway(flag: bool | None) -> bool:
+    """--gateway / --no-gateway, else $KANDINSKY_GATEWAY ("nginx", the default, or "none")."""
+    if flag is not None:
+        return flag
+    value = os.environ.get(DEFAULTS.gateway_env, "").strip().lower() or "nginx"
+    if value not in ("nginx", "none"):
+        raise ValueError(f"${DEFAULTS.gateway_env} is '{value}'; it must be nginx or none")
+    return value == "nginx"
+
+
+def _no_gateway_warning(host: str, http_port: int, grpc_port: int) -> str:
+    return (
+        f"kandinsky-serve: WARNING: no gateway (--no-gateway or ${DEFAULTS.gateway_env}=none): Triton's own "
+        f"HTTP ({host}:{http_port}) and gRPC ({host}:{grpc_port}) readers take requests unchecked, and some "
+        "malformed ones crash it (the supervisor restarts it; requests in flight fail). Keep these ports "
+        "behind kandinsky-gateway (as the Docker compose file and the Helm chart do) or to trusted clients."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ..gateway.nginx import Gateway, GatewayUnavailable, address, options_from_arguments
+    from ..gateway.nginx import Gateway, GatewayUnavailable, address, loopback_for, options_from_arguments
     from .health import HealthServer
     from .ort_trt_cache import build_cache, cache_state, not_built_message
     from .supervisor import Supervisor
@@ -100,36 +138,53 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"kandinsky-serve: admin key: {error}", file=sys.stderr)
         return 2
-    internal = args.gateway  # Triton on loopback ports of its own, nginx on the public ones
+    try:
+        internal = _use_gateway(args.gateway)  # Triton on loopback ports of its own, nginx on the public ones
+    except ValueError as error:
+        print(f"kandinsky-serve: {error}", file=sys.stderr)
+        return 2
     server = TritonServer(
         args.repository,
         host="127.0.0.1" if internal else args.host,
         http_port=free_port() if internal else args.http_port,
         grpc_port=free_port() if internal else args.grpc_port,
         metrics_port=args.metrics_port,
+        metrics_host=args.host,  # GET /metrics only, nothing parsed: on --host, as without the gateway
         admin_key=admin_key,
+        # behind the gateway, only what it checked (and keyed) reaches Triton's inference readers
+        restricted_apis=DEFAULTS.restricted_apis + (DEFAULTS.gateway_restricted_apis if internal else ()),
         log_verbose=args.log_verbose,
         log_file=args.log_file,
     )
     gateway = None
-    if args.gateway:
-        gateway = Gateway(
-            options_from_arguments(
-                args,
-                triton_http=server.http_url,
-                triton_grpc=server.grpc_url,
-                health=address(
-                    server.local_host if args.health_host in ("0.0.0.0", "::") else args.health_host,
-                    args.health_port,
+    if internal:
+        try:
+            gateway = Gateway(
+                options_from_arguments(
+                    args,
+                    triton_http=server.http_url,
+                    triton_grpc=server.grpc_url,
+                    health=address(
+                        server.local_host if args.health_host in ("0.0.0.0", "::") else args.health_host,
+                        args.health_port,
+                    ),
+                    repository=server.repository,
+                    admin_key=admin_key,
+                    host=args.host,
+                    http_port=args.http_port,
+                    grpc_port=args.grpc_port,
                 ),
-                repository=server.repository,
-                admin_key=admin_key,
-                host=args.host,
-                http_port=args.http_port,
-                grpc_port=args.grpc_port,
-            ),
-            args.gateway_runtime_dir,
-        )
+                args.gateway_runtime_dir,
+            )
+        except GatewayUnavailable as error:
+            print(
+                f"kandinsky-serve: the gateway: {error}.\nWithout it Triton would take requests unchecked; "
+                "to serve so anyway (trusted clients only), add --no-gateway.",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        print(_no_gateway_warning(args.host, args.http_port, args.grpc_port), file=sys.stderr, flush=True)
     ready_timeout = DEFAULTS.ready_timeout_s if args.ready_timeout is None else args.ready_timeout
     supervisor = Supervisor(server, ready_timeout_s=ready_timeout, gateway=gateway)
 
@@ -162,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Triton is serving {len(models)} models: {', '.join(models)}", flush=True)
         via = f" (gateway; Triton on {server.http_url} / {server.grpc_url})" if gateway else ""
         print(f"  HTTP    {http_url}\n  gRPC    {grpc_url}{via}", flush=True)
-        print(f"  metrics {server.local_host}:{server.metrics_port}/metrics", flush=True)
+        print(f"  metrics {loopback_for(args.host)}:{server.metrics_port}/metrics", flush=True)
         print(f"  health  http://{args.health_host}:{health.port}/health/ready", flush=True)
         print(f"  admin key: {admin_key.source}", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)

@@ -25,10 +25,13 @@ mode (`none`): load and unload are refused outright, whatever the admin key.
 
 Bound. A dead stub or server is serving again within
     poll_interval_s (0.5 s) + kill and /dev/shm clean-up (< 1 s) + backoff + load time,
-where the backoff is 0 for the first restart and grows (1, 2, 4, ... 30 s) only while restarts follow
-each other without `healthy_reset_s` (60 s) of serving in between (a request that kills the server
-again and again cannot make it spin). The first start is not retried: a repository that does not load
-is an error to report, not to loop on. Every detection, restart and recovery is logged.
+where the backoff is 0 unless the server is in a crash loop: it failed while loading, or within
+`crash_loop_window_s` (10 s) of becoming ready (a model that breaks at once, a request retried until it
+kills the server again). Then the n-th restart of the loop waits 1, 2, 4, ... 30 s, so such a loop cannot
+make it spin; the readiness report says so ("waiting"). A crash after the server served longer than that
+window costs the load time only, however soon after the previous one (it used to wait 1, 2, 4 ... s
+whenever restarts were under 60 s apart). The first start is not retried: a repository that does not
+load is an error to report, not to loop on. Every detection, restart and recovery is logged.
 
 While recovering, deep readiness says not ready (with the cause), Triton's ports refuse connections
 (clients get a retryable connection error; the gateway answers 503 + JSON), and shutdown does not wait
@@ -42,6 +45,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,27 +61,42 @@ logger = logging.getLogger(__name__)
 
 
 class Backoff:
-    """Delay before the n-th restart in a row; a long enough healthy period starts the count again."""
+    """Delay before a restart: none after a server that served, growing delays in a crash loop.
+
+    A crash belongs to a loop when the server failed while loading (a restart that never became ready) or
+    within `loop_window_s` of becoming ready. Any other crash starts the count again: its restart waits
+    nothing, so it costs the load time only. Backing off is for loops, where restarting at once would only
+    spin (a broken model, a request retried until it kills the server again).
+    """
 
     def __init__(
         self,
         steps: tuple[float, ...] = DEFAULTS.restart_backoff_s,
-        reset_after: float = DEFAULTS.healthy_reset_s,
+        loop_window_s: float = DEFAULTS.crash_loop_window_s,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.steps, self.reset_after = steps, reset_after
-        self.in_a_row = 0
-        self.healthy_since: float | None = None
+        self.steps, self.loop_window_s, self.clock = steps, loop_window_s, clock
+        self.in_a_row = 0  # restarts of the current crash loop so far
+        self.ready_since: float | None = None  # None: not ready since the last crash
 
     def serving(self) -> None:
-        self.healthy_since = time.monotonic()
+        self.ready_since = self.clock()
 
-    def next_delay(self) -> float:
-        if self.healthy_since is not None and time.monotonic() - self.healthy_since >= self.reset_after:
+    def next_delay(self) -> tuple[float, str]:
+        """(seconds to wait before the next start, why: empty when there is no wait)."""
+        served = self.ready_since is not None and self.clock() - self.ready_since >= self.loop_window_s
+        if served:
             self.in_a_row = 0
-        self.healthy_since = None
+        self.ready_since = None
         delay = self.steps[min(self.in_a_row, len(self.steps) - 1)]
         self.in_a_row += 1
-        return delay
+        reason = ""
+        if delay > 0:
+            reason = (
+                f"crash loop: {self.in_a_row} failures in a row, each while loading or within "
+                f"{self.loop_window_s:g}s of becoming ready; waiting {delay:g}s before restart {self.in_a_row}"
+            )
+        return delay, reason
 
 
 @dataclass
@@ -106,6 +125,7 @@ class Supervisor:
         self._seen: dict[int, StubProcess] = {}
         self._regions: set[str] = set()
         self.load_seconds = 0.0  # the last start's time to deep readiness
+        self.waiting: tuple[float, str] | None = None  # (monotonic end, reason) of a crash-loop backoff
         self._gateway_started = 0.0
 
     # -- readiness --------------------------------------------------------------------------------------
@@ -125,10 +145,17 @@ class Supervisor:
                 "backoff_seconds": last.backoff_seconds,
                 "restarts": last.restarts,
             }
+        waiting = self.waiting
+        if waiting is not None:
+            left = max(0.0, waiting[0] - time.monotonic())
+            details["waiting"] = {"seconds_left": round(left, 1), "reason": waiting[1]}
         if self.state != "serving":
             cause = f": {self.cause}" if self.cause else ""
             what = "recovery in progress" if self.state == "recovering" else f"server {self.state}"
-            return Readiness(False, [what + cause], details=details)
+            problems = [what + cause]
+            if waiting is not None:
+                problems.append(f"restarting in {max(0.0, waiting[0] - time.monotonic()):.1f}s: {waiting[1]}")
+            return Readiness(False, problems, details=details)
         report = self._deep_readiness()
         report.details = details
         return report
@@ -237,13 +264,14 @@ class Supervisor:
         restarts, waited = 0, 0.0
         while not self._stop.is_set():
             self._kill_and_clean()
-            delay = self.backoff.next_delay()
+            delay, reason = self.backoff.next_delay()
             waited += delay
             if delay:
-                logger.warning(
-                    "restarting tritonserver in %.0fs (restart %d in a row)", delay, self.backoff.in_a_row
-                )
-                if self._stop.wait(delay):
+                logger.warning("restarting tritonserver in %.0fs: %s", delay, reason)
+                self.waiting = (time.monotonic() + delay, reason)
+                stopped = self._stop.wait(delay)
+                self.waiting = None
+                if stopped:
                     return
             restarts += 1
             started = time.monotonic()
@@ -283,7 +311,7 @@ class Supervisor:
         does not make it spin)."""
         if self.gateway is None or self.gateway.poll() is None or self._stop.is_set():
             return
-        if time.monotonic() - self._gateway_started < DEFAULTS.restart_backoff_s[3]:
+        if time.monotonic() - self._gateway_started < DEFAULTS.gateway_restart_interval_s:
             return
         logger.error("the gateway (nginx) exited with code %s; restarting it", self.gateway.poll())
         self._gateway_started = time.monotonic()

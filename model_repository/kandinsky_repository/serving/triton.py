@@ -108,9 +108,11 @@ def repository_models(repository: Path) -> list[str]:
 class TritonServer:
     """A tritonserver child process in its own process group (so stopping it also stops the stubs).
 
-    `host` is the address Triton binds for HTTP, gRPC and metrics (loopback by default). With an
-    `admin_key`, the APIs of `DEFAULTS.restricted_apis` need its header (kandinsky-serve always sets one;
-    tests and benchmarks that start servers directly may leave them open). `start()` may be called again
+    `host` is the address Triton binds for HTTP, gRPC and (unless `metrics_host` says otherwise) metrics
+    (loopback by default). With an
+    `admin_key`, the APIs of `restricted_apis` (`DEFAULTS.restricted_apis` unless told) need its header
+    (kandinsky-serve always sets one, and behind its gateway restricts inference too; tests and
+    benchmarks that start servers directly may leave them open). `start()` may be called again
     after the process died (the supervisor restarts it on the same ports). With `models`, only those are
     loaded (Triton's explicit model control) and waited for.
     """
@@ -123,7 +125,9 @@ class TritonServer:
         grpc_port: int = DEFAULT_PORTS["grpc"],
         metrics_port: int = DEFAULT_PORTS["metrics"],
         host: str = DEFAULTS.host,
+        metrics_host: str | None = None,
         admin_key: AdminKey | None = None,
+        restricted_apis: tuple[str, ...] = DEFAULTS.restricted_apis,
         exit_timeout_s: int = DEFAULTS.exit_timeout_s,
         log_verbose: int = 0,
         log_file: Path | None = None,
@@ -135,7 +139,9 @@ class TritonServer:
         self.models = None if models is None else list(models)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
+        self.metrics_host = metrics_host or host  # (behind the gateway Triton's HTTP/gRPC are internal)
         self.admin_key = admin_key
+        self.restricted_apis = restricted_apis
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file else default_log_file(http_port)
@@ -172,7 +178,7 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.metrics_host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
@@ -183,7 +189,7 @@ class TritonServer:
             cmd.append("--model-control-mode=explicit")
             cmd += [f"--load-model={name}" for name in self.models]
         if self.admin_key is not None:
-            cmd += self.admin_key.triton_args()
+            cmd += self.admin_key.triton_args(self.restricted_apis)
         if install.backend_dir:
             cmd.append(f"--backend-directory={install.backend_dir}")
         return cmd
