@@ -34,6 +34,7 @@
 #   KANDINSKY_ORT_TENSORRT     1: onnxruntime flavour with ONNX Runtime's TensorRT accelerator
 #   KANDINSKY_INSTANCES        instances per network model (kandinsky-repository's default)
 #   KANDINSKY_MAX_QUEUE_DELAY_US  dynamic batching window of the per-step models (kandinsky-repository's)
+#   KANDINSKY_STEP_BATCHING    [off]  on: the server loop sends one request per step of every generation
 #   KANDINSKY_ADMIN_KEY        key of Triton's restricted APIs (default: a random one kept in admin.key)
 #   KANDINSKY_SERVE_ARGS       extra kandinsky-serve arguments (e.g. --gateway --log-verbose 1)
 #   HF_TOKEN                   only if your hub access needs one
@@ -151,6 +152,7 @@ prepare() {
     [[ -n "${MAX_IMAGE_SIZE}" ]] && repository_args+=(--max-image-size "${MAX_IMAGE_SIZE}")
     [[ -n "${KANDINSKY_INSTANCES:-}" ]] && repository_args+=(--instances "${KANDINSKY_INSTANCES}")
     [[ -n "${KANDINSKY_MAX_QUEUE_DELAY_US:-}" ]] && repository_args+=(--max-queue-delay-us "${KANDINSKY_MAX_QUEUE_DELAY_US}")
+    [[ -n "${KANDINSKY_STEP_BATCHING:-}" ]] && repository_args+=(--step-batching "${KANDINSKY_STEP_BATCHING}")
     if [[ "${FLAVOUR}" == "tensorrt" ]]; then
         local engine_args=(--bundle "${BUNDLE}" --precision "${PRECISION}" "${size_args[@]}")
         [[ -n "${STATIC_SIZE}" ]] && engine_args+=(--static "${STATIC_SIZE}")
@@ -197,7 +199,7 @@ serve() {
     # shellcheck disable=SC2086  # KANDINSKY_SERVE_ARGS is a list of arguments
     KANDINSKY_GATEWAY=none exec kandinsky-serve \
         --repository "${REPOSITORY}" \
-        --host 0.0.0.0 --health-host 0.0.0.0 \
+        --host 0.0.0.0 --health-host 0.0.0.0 --openai-host 0.0.0.0 \
         --admin-key-file "${DATA}/admin.key" \
         ${KANDINSKY_SERVE_ARGS:-} "$@"
 }

@@ -57,7 +57,8 @@ fi
 PORT=${PORT:-8001}
 LOG=$ART/serve.out
 kandinsky-serve --repository "$ART/model_repository" --grpc-port "$PORT" --http-port $((PORT + 100)) \
-  --metrics-port $((PORT + 101)) --health-port $((PORT + 102)) --log-file "$ART/triton.log" "${GATEWAY[@]}" \
+  --metrics-port $((PORT + 101)) --health-port $((PORT + 102)) --openai-port $((PORT + 103)) \
+  --log-file "$ART/triton.log" "${GATEWAY[@]}" \
   >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT

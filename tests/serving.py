@@ -70,6 +70,7 @@ class Served:
     grpc_port: int
     metrics_port: int
     health_port: int
+    openai_port: int
     log_file: Path
     lines: list[str] = field(default_factory=list)
 
@@ -134,29 +135,31 @@ class Served:
         return time.monotonic() - started
 
 
-def start_serve(repository: Path, log_dir: Path, *extra: str, timeout: float = 240.0) -> Served:
-    """`kandinsky-serve` on free ports with TEST_ADMIN_KEY (its defaults otherwise: the gateway in front);
-    returns once it prints "Triton is serving"."""
-    ports = [free_port() for _ in range(4)]
-    log_file = log_dir / "triton.log"
-    command = [
+PORT_FLAGS = ("--http-port", "--grpc-port", "--metrics-port", "--health-port", "--openai-port")
+
+
+def serve_command(repository: Path, log_file: Path, ports: list[int], *extra: str) -> list[str]:
+    """The `kandinsky-serve` command line on `ports` (one per PORT_FLAGS)."""
+    flags = [str(value) for pair in zip(PORT_FLAGS, ports, strict=True) for value in pair]
+    return [
         sys.executable,
         "-m",
         "kandinsky_repository.serving.server",
         "--repository",
         str(repository),
-        "--http-port",
-        str(ports[0]),
-        "--grpc-port",
-        str(ports[1]),
-        "--metrics-port",
-        str(ports[2]),
-        "--health-port",
-        str(ports[3]),
+        *flags,
         "--log-file",
         str(log_file),
         *extra,
     ]
+
+
+def start_serve(repository: Path, log_dir: Path, *extra: str, timeout: float = 240.0) -> Served:
+    """`kandinsky-serve` on free ports with TEST_ADMIN_KEY (its defaults otherwise: the gateway in front);
+    returns once it prints "Triton is serving"."""
+    ports = [free_port() for _ in PORT_FLAGS]
+    log_file = log_dir / "triton.log"
+    command = serve_command(repository, log_file, ports, *extra)
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

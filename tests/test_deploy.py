@@ -225,7 +225,12 @@ def test_the_gateway_is_the_entry_point_and_balances_over_the_headless_service(d
     host = f"{headless['metadata']['name']}.{NAMESPACE}.svc"
     args = container(gateway)["args"]
     ports = values()["ports"]
-    for flag, port in (("--triton-http", "http"), ("--triton-grpc", "grpc"), ("--health-url", "health")):
+    for flag, port in (
+        ("--triton-http", "http"),
+        ("--triton-grpc", "grpc"),
+        ("--health-url", "health"),
+        ("--openai-url", "openai"),
+    ):
         assert f"{flag}={host}:{ports[port]}" in args
     policy = find(default, "NetworkPolicy")
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == entry["spec"]["selector"]
@@ -240,10 +245,10 @@ def test_the_chart_arguments_are_accepted_by_kandinsky_serve_and_kandinsky_gatew
 
     triton_args = container(find(default, "Deployment", "-triton"))["args"]
     parsed = serve_parser().parse_args(["--repository", "r", *triton_args])
-    assert (parsed.http_port, parsed.grpc_port, parsed.health_port) == tuple(
-        values()["ports"][p] for p in ("http", "grpc", "health")
+    assert (parsed.http_port, parsed.grpc_port, parsed.health_port, parsed.openai_port) == tuple(
+        values()["ports"][p] for p in ("http", "grpc", "health", "openai")
     )
-    assert parsed.host == parsed.health_host == "0.0.0.0"
+    assert parsed.host == parsed.health_host == parsed.openai_host == "0.0.0.0"
     # The gateway's, with the headless name replaced by one that resolves here, written as files only.
     host = f"{find(default, 'Service', '-triton')['metadata']['name']}.{NAMESPACE}.svc"
     gateway_args = [
@@ -260,6 +265,9 @@ def test_the_chart_arguments_are_accepted_by_kandinsky_serve_and_kandinsky_gatew
         conf,
     )
     assert "grpc_next_upstream error timeout non_idempotent;" in conf
+    assert re.search(
+        r"upstream kandinsky_openai \{\s+server localhost:" + str(values()["ports"]["openai"]) + ";", conf
+    )
     nginx = find_nginx()
     checked = subprocess.run(
         [
@@ -289,6 +297,7 @@ def test_every_number_comes_from_values_yaml():
         "grpc": DEFAULTS.grpc_port,
         "metrics": DEFAULTS.metrics_port,
         "health": DEFAULTS.health_port,
+        "openai": DEFAULTS.openai_port,
     }
     for template in (CHART / "templates").iterdir():
         text = re.sub(

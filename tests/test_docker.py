@@ -117,6 +117,7 @@ def test_the_settings_reach_every_step(container) -> None:
         "KANDINSKY_MAX_IMAGE_SIZE": "640",
         "KANDINSKY_INSTANCES": "2",
         "KANDINSKY_MAX_QUEUE_DELAY_US": "500",
+        "KANDINSKY_STEP_BATCHING": "on",
         "KANDINSKY_FLAVOUR": "onnxruntime",
         "KANDINSKY_ORT_TENSORRT": "1",
     }
@@ -125,7 +126,13 @@ def test_the_settings_reach_every_step(container) -> None:
     by_command = {" ".join(c[:2]): c for c in calls()}
     assert by_command["kandinsky-export fp16"][-2:] == ["--max-size", "640"]
     repository = " ".join(by_command["kandinsky-repository --bundle"])
-    for fragment in ("--max-image-size 640", "--instances 2", "--max-queue-delay-us 500", "--ort-tensorrt"):
+    for fragment in (
+        "--max-image-size 640",
+        "--instances 2",
+        "--max-queue-delay-us 500",
+        "--step-batching on",
+        "--ort-tensorrt",
+    ):
         assert fragment in repository
     assert "kandinsky-export engines" not in by_command  # onnxruntime: no engine build
 
@@ -179,6 +186,8 @@ def test_serve_checks_shared_memory_first(container) -> None:
         "--host",
         "0.0.0.0",
         "--health-host",
+        "0.0.0.0",
+        "--openai-host",
         "0.0.0.0",
         "--admin-key-file",
         str(data / "admin.key"),

@@ -373,6 +373,8 @@ ALLOWED = [
     ("GET", "/v2/models/unet/ready"),
     ("GET", "/v2/models/unet/versions/1/ready"),
     ("POST", "/v2/repository/index"),
+    ("GET", "/"),
+    ("GET", "/v1/models"),
 ]
 REFUSED = [
     ("GET", "/v2/logging", 403),
@@ -386,7 +388,9 @@ REFUSED = [
     ("GET", "/v2/models/stats", 403),
     ("GET", "/v2/models/unet/stats", 403),
     ("GET", "/metrics", 404),
-    ("GET", "/", 404),
+    ("GET", "/index.html", 404),
+    ("POST", "/", 405),  # (GET /: the playground page, like GET /playground/... and /v1/: the OpenAI API)
+    ("GET", "/v1/nothing", 404),
     ("DELETE", "/v2/models/unet", 405),
     ("GET", "/v2/models/unet/infer", 405),
     ("POST", "/v2/health/ready", 405),

@@ -1,4 +1,4 @@
-"""Issue 9 on a plain server: limits that bound memory, status codes, cancellation, restricted APIs, and a
+"""Hardening on a plain server: limits that bound memory, status codes, cancellation, restricted APIs, and a
 readiness check that notices a dead python-backend stub (Triton's own does not)."""
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The onnxruntime GPU flavour and what serves it: the CUDA-fused FP16 variant, heuristic cuDNN search,
 warm-ups at the traffic's shapes, the TensorRT engine cache built in the prepare step, the exact TensorRT pin.
 
-Item 5: the CUDA-fused FP16 variant lives next to the portable one and is served on the CUDA provider
+The CUDA-fused FP16 variant lives next to the portable one and is served on the CUDA provider
 where it passed (never under TensorRT); cuDNN's convolution search is the heuristic one; every network
-model is warmed up at the shapes the traffic sends. Item 4: ONNX Runtime's TensorRT engine cache is built
+model is warmed up at the shapes the traffic sends. ONNX Runtime's TensorRT engine cache is built
 by the prepare step (a Triton on loopback, no time limit), the Helm Job writes READY only after it, and
-kandinsky-serve never starts a timed load on an unbuilt cache. Item 6b: the TensorRT wheel is pinned to
+kandinsky-serve never starts a timed load on an unbuilt cache. The TensorRT wheel is pinned to
 all four parts of the version libnvinfer reports, and checked exactly.
 
 What needs a GPU runs at the end, marked `gpu` and skipped elsewhere with the reason: the CUDA-fused
@@ -115,7 +115,7 @@ def _network_models(repository: Path) -> list[str]:
     return sorted(name for name in COMPONENTS if (repository / name / "config.pbtxt").is_file())
 
 
-# -- item 5: which variant is served ----------------------------------------------------------------
+# -- which variant is served ----------------------------------------------------------------
 
 
 def test_select_variant_prefers_the_passed_cuda_fused_variant_on_the_cuda_provider_only() -> None:
@@ -145,7 +145,7 @@ def test_select_variant_prefers_the_passed_cuda_fused_variant_on_the_cuda_provid
 def test_the_cuda_provider_serves_the_fused_variant_and_the_tensorrt_accelerator_the_portable_one(
     ort_repositories: dict[str, Path], fused_bundle: Path
 ) -> None:
-    """Item 5: the flavour served the portable FP16 graph (no GroupNorm/attention fusion) everywhere."""
+    """The flavour served the portable FP16 graph (no GroupNorm/attention fusion) everywhere."""
     for flavour, expected in (
         ("cuda", f"{FP16_CUDA_DIR}/model.onnx"),
         ("tensorrt", f"{FP16_DIR}/model.onnx"),
@@ -174,7 +174,7 @@ def test_a_failed_fused_variant_is_not_served(fp16_bundle: Path, tmp_path: Path)
 
 
 def test_cudnn_searches_convolution_algorithms_by_heuristic(ort_repositories: dict[str, Path]) -> None:
-    """Item 5: the configs set no `cudnn_conv_algo_search`, and Triton r25.01's onnxruntime backend then
+    """The configs set no `cudnn_conv_algo_search`, and Triton r25.01's onnxruntime backend then
     uses EXHAUSTIVE (its parameter is an integer: 0 EXHAUSTIVE, 1 HEURISTIC, 2 DEFAULT), benchmarking
     every convolution again for each new shape inside a request."""
     assert CUDNN_CONV_ALGO_SEARCH == {"EXHAUSTIVE": 0, "HEURISTIC": 1, "DEFAULT": 2}
@@ -185,7 +185,7 @@ def test_cudnn_searches_convolution_algorithms_by_heuristic(ort_repositories: di
             assert parameters["cudnn_conv_algo_search"].string_value == "1", name
 
 
-# -- item 5: warm-up at the shapes the traffic has ---------------------------------------------------
+# -- warm-up at the shapes the traffic has ---------------------------------------------------
 
 
 def _warmups(config) -> set[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]]:
@@ -198,7 +198,7 @@ def _warmups(config) -> set[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]]
 def test_every_network_model_is_warmed_up_at_the_shapes_the_traffic_sends(
     ort_repositories: dict[str, Path], fused_bundle: Path
 ) -> None:
-    """Item 5: one warm-up, at 768 px and one image's rows: the first request at 512 or 1024 px, and the
+    """One warm-up, at 768 px and one image's rows: the first request at 512 or 1024 px, and the
     first batched step of concurrent generations, paid the memory growth and the cuDNN set-up."""
     from kandinsky_core.profiles import input_shapes
 
@@ -253,7 +253,7 @@ def test_warmups_stay_inside_the_tensorrt_accelerators_profile(ort_repositories:
                 )
 
 
-# -- item 5: the bundle holds both FP16 variants -------------------------------------------------------
+# -- the bundle holds both FP16 variants -------------------------------------------------------
 
 
 def _snapshot(bundle: Path, component: str) -> tuple[dict, dict[str, bytes]]:
@@ -338,7 +338,7 @@ def test_the_cuda_fused_variant_is_recorded_next_to_the_portable_one(
     assert convert_bundle(bundle, ["unet"], fusion_set="cuda", check_size=CHECK_SIZE) == []
 
 
-# -- item 4: ONNX Runtime's TensorRT engine cache -------------------------------------------------------
+# -- ONNX Runtime's TensorRT engine cache -------------------------------------------------------
 
 
 def test_the_accelerated_models_and_their_cache_folders(ort_repositories: dict[str, Path]) -> None:
@@ -440,13 +440,15 @@ def _serve_args(repository: Path) -> list[str]:
         str(free_port()),
         "--health-port",
         str(free_port()),
+        "--openai-port",
+        str(free_port()),
     ]
 
 
 def test_serving_an_unbuilt_cache_it_cannot_write_stops_with_what_to_run(
     ort_repositories: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys, restore_signals
 ) -> None:
-    """Item 4 (Helm: the replicas mount the volume read-only): a start on an unbuilt cache made ONNX
+    """(Helm: the replicas mount the volume read-only) a start on an unbuilt cache made ONNX
     Runtime build every engine in memory, past the 300 s ready timeout, at every start and restart.
     Read-only is simulated (the tests run as root, for whom permissions do not stop a write)."""
     from kandinsky_repository.serving import server
@@ -462,7 +464,7 @@ def test_serving_an_unbuilt_cache_it_cannot_write_stops_with_what_to_run(
 def test_serving_builds_an_unbuilt_writable_cache_first_without_the_ready_timeout(
     ort_repositories: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_signals
 ) -> None:
-    """Item 4 (Docker: the volume is writable): the build runs before the supervised start, with no
+    """(Docker: the volume is writable) the build runs before the supervised start, with no
     time limit; the start keeps its ready timeout. With the record present, nothing is built."""
     from kandinsky_repository.serving import ort_trt_cache, server
     from kandinsky_repository.serving.supervisor import Supervisor
@@ -494,7 +496,7 @@ def test_serving_builds_an_unbuilt_writable_cache_first_without_the_ready_timeou
     assert calls == [("start", DEFAULTS.ready_timeout_s)]
 
 
-# -- item 4: the prepare steps (Docker entrypoint, Helm Job) ---------------------------------------------
+# -- the prepare steps (Docker entrypoint, Helm Job) ---------------------------------------------
 
 
 def _stub_bin(folder: Path, stubs: dict[str, str]) -> Path:
@@ -541,7 +543,7 @@ def _run_entrypoint(
 def test_the_prepare_step_builds_the_engine_cache_after_writing_the_repository(
     tmp_path: Path, env: dict[str, str], builds: bool
 ) -> None:
-    """Item 4: the engines were built by the serving start, inside its 300 s ready timeout."""
+    """The engines were built by the serving start, inside its 300 s ready timeout."""
     result, calls = _run_entrypoint(tmp_path, "prepare", KANDINSKY_PRESET="tiny", **env)
     assert result.returncode == 0, result.stderr
     commands = [c[0] for c in calls if c[:2] != ["kandinsky-export", "profile"]]
@@ -596,7 +598,7 @@ def _fake_onnxruntime(folder: Path, providers: list[str]) -> Path:
 def test_the_prepare_step_adds_the_cuda_fused_variant_where_it_can_be_checked(
     tmp_path: Path, env: dict[str, str], providers: list[str], fused: bool, said: str
 ) -> None:
-    """Item 5: the CUDA-fused variant is made only for the CUDA provider without TensorRT, and only where
+    """The CUDA-fused variant is made only for the CUDA provider without TensorRT, and only where
     the image's onnxruntime can check it (the shipped prepare image's is the CPU build: it says so)."""
     site = _fake_onnxruntime(tmp_path / "site", providers)
     result, calls = _run_entrypoint(tmp_path, "prepare", KANDINSKY_PRESET="tiny", PYTHONPATH=str(site), **env)
@@ -621,7 +623,7 @@ def _helm_scripts(folder: Path) -> Path:
 def test_the_helm_job_writes_ready_only_after_the_engine_cache_is_built(
     tmp_path: Path, build_fails: bool
 ) -> None:
-    """Item 4 (Helm): the Job's folder sits on the volume the replicas mount read-only, and READY is
+    """(Helm) the Job's folder sits on the volume the replicas mount read-only, and READY is
     what they wait for. The Job runs the real entrypoint (stand-in commands inside): the cache is built
     into the folder before READY, and a failed build leaves no READY (replicas keep waiting, they do
     not start and time out)."""
@@ -670,7 +672,7 @@ def test_the_helm_job_writes_ready_only_after_the_engine_cache_is_built(
     assert (folder / "READY").is_file() == (not build_fails)
 
 
-# -- item 6b: the TensorRT wheel pin --------------------------------------------------------------------
+# -- the TensorRT wheel pin --------------------------------------------------------------------------
 
 
 def _tensorrt_run_instruction() -> str:
@@ -706,7 +708,7 @@ def fake_libnvinfer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_tensorrt_wheel_is_pinned_to_all_four_version_parts(
     fake_libnvinfer: Path, tmp_path: Path, installed: str, builds: bool
 ) -> None:
-    """Item 6b: the pin read three parts from the library's file name (`~=10.8.0` let pip choose any
+    """The pin read three parts from the library's file name (`~=10.8.0` let pip choose any
     10.8.x build) and the check only compared that prefix (`startswith('10.8.0')` passed 10.8.0.44).
     Stand-ins: `ldconfig` lists the stand-in library, `python3 -m pip` "installs" a tensorrt module of
     version `installed`; every other python3 call is the real interpreter."""

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from kandinsky_core.errors import ModelNotReady
 from kandinsky_repository.serving.triton import TritonServer, repository_models
 
 from .conftest import free_port
+from .serving import PORT_FLAGS, serve_command
 
 
 def _group_alive(pgid: int) -> list[int]:
@@ -37,25 +37,7 @@ def _group_alive(pgid: int) -> list[int]:
 
 
 def _serve_command(repository: Path, log: Path, *extra: str) -> list[str]:
-    ports = [free_port(), free_port(), free_port(), free_port()]
-    return [
-        sys.executable,
-        "-m",
-        "kandinsky_repository.serving.server",
-        "--repository",
-        str(repository),
-        "--http-port",
-        str(ports[0]),
-        "--grpc-port",
-        str(ports[1]),
-        "--metrics-port",
-        str(ports[2]),
-        "--health-port",
-        str(ports[3]),
-        "--log-file",
-        str(log),
-        *extra,
-    ]
+    return serve_command(repository, log, [free_port() for _ in PORT_FLAGS], *extra)
 
 
 def test_serve_command_stops_cleanly_on_sigterm(nginx_with_njs, tiny_repository, tmp_path):

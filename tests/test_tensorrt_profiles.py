@@ -60,7 +60,7 @@ def bundle(tiny_bundle, tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Item 3: several profiles
+# several profiles
 
 
 def triton_profile_choice(
@@ -325,7 +325,7 @@ def test_an_engine_of_the_single_profile_format_is_refused(engine_bundle: Path, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Item 6c: the engine-vs-ONNX check
+# The engine-vs-ONNX check
 
 
 def _measured(errors: Sequence[float], finite: bool = True) -> list[dict[str, Any]]:

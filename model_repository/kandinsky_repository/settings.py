@@ -49,7 +49,7 @@ class Defaults:
     # A crash after it served longer than that is not a loop: it restarts at once (the load time).
     restart_backoff_s: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
     crash_loop_window_s: float = 10.0
-    gateway_restart_interval_s: float = 4.0  # nginx exited: restarted at most this often
+    frontend_restart_interval_s: float = 4.0  # nginx or the OpenAI app exited: restarted at most this often
     exit_timeout_s: int = 5  # Triton's --exit-timeout-secs: how long SIGTERM waits for in-flight work
     stop_grace_s: float = 10.0  # SIGKILL after this long (immediately when a stub has died)
     ready_timeout_s: float = 300.0  # first start: models must be ready within this
@@ -75,7 +75,7 @@ class Defaults:
     burst: int = 400
     # Requests in flight at once per client address (a gRPC stream or HTTP request each): a client-loop
     # generation has one step in flight, a server-loop generation one stream. Bounds what one address can
-    # queue at the per-step models, which have no Triton queue bound (see generate.limit_queue).
+    # queue at the per-step models, which have no Triton queue bound (see generator/repository.py: limit_queue).
     max_in_flight: int = 64
     rate_zone_mb: int = 10  # ~160k client addresses tracked
     # Slow clients (per connection; nginx's client_header_timeout, client_body_timeout, send_timeout): a

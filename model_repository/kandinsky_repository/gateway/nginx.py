@@ -10,7 +10,9 @@ declared-shape crashes; HAProxy would need Lua for the JSON inspection.
 need the admin key, which only the gateway adds: no unchecked request reaches Triton's request readers).
 
 What it allows (everything else: 403/404 over HTTP, PERMISSION_DENIED over gRPC, each with a message):
-- HTTP/1.1 on `--host`:`--http-port`: `POST /v2/models/<m>[/versions/<v>]/infer`, `POST .../generate`
+- HTTP/1.1 on `--host`:`--http-port`: with kandinsky-openai behind it (`openai`), the OpenAI Images API
+  (`/v1/...`, token checked by the app, answering OpenAI error objects) and the playground (`/`,
+  `/playground/`); `POST /v2/models/<m>[/versions/<v>]/infer`, `POST .../generate`
   and `.../generate_stream`, `GET /v2/health/live`, `GET /v2/health/ready` (kandinsky-serve's deep
   readiness, not Triton's), `GET /v2/models/<m>[/versions/<v>][/ready|/config]`, `GET /v2`,
   `POST /v2/repository/index` (read-only; of Triton's admin APIs, the gateway adds the admin key to
@@ -75,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 FILES = Path(__file__).parent / "files"
 TEMPLATE = FILES / "nginx.conf.template"
+OPENAI_TEMPLATE = FILES / "openai.conf.template"  # the OpenAI API's routes, when `openai` is set
 SCRIPT = FILES / "kandinsky_gateway.js"
 NJS_MODULE = "ngx_http_js_module.so"
 # Where distributions put nginx's dynamic modules (the `--modules-path` of `nginx -V` comes first).
@@ -121,6 +124,8 @@ class GatewayOptions:
     triton_grpc: str | Sequence[str]  # Triton's gRPC endpoint
     health: str | Sequence[str]  # kandinsky-serve's health endpoint
     repository: Path  # the served repository: type table and size limits
+    # kandinsky-openai's endpoint (kandinsky-serve runs it): /, /playground/ and /v1/ go there; None: 404
+    openai: str | Sequence[str] | None = None
     admin_key: AdminKey | None = None  # added to the repository index route only
     host: str = DEFAULTS.host
     http_port: int = DEFAULTS.http_port
@@ -141,7 +146,7 @@ class GatewayOptions:
 
 # -- replicas -----------------------------------------------------------------------------------------
 
-UPSTREAMS = ("triton_http", "triton_grpc", "health")
+UPSTREAMS = ("triton_http", "triton_grpc", "health", "openai")
 # Written when a name resolves to nothing (no replica ready): nginx needs a server, this one is never
 # tried, so requests get the gateway's 503 "restarting or overloaded; retry" at once.
 NO_REPLICA = "127.0.0.1:9 down"
@@ -176,6 +181,8 @@ def upstream_servers(options: GatewayOptions) -> dict[str, list[str]]:
     """The replicas' addresses per upstream, as the configuration will list them."""
     servers = {}
     for name in UPSTREAMS:
+        if getattr(options, name) is None:  # (openai: not served through this gateway)
+            continue
         wanted = _addresses(getattr(options, name))
         if options.resolve_interval_s > 0:
             found = sorted({a for text in wanted for a in resolve_address(text)})
@@ -249,6 +256,29 @@ _GRPC_ERRORS = {
     ),
     "grpc_unavailable": (14, "the server is restarting or overloaded; retry"),
 }
+
+
+# The routes kandinsky-openai answers itself, token check included (see the template's $kandinsky_own_auth).
+_OPENAI_OWN_AUTH = '        "/" 1;\n        "~^/playground/" 1;\n        "~^/v1/" 1;'
+
+
+def _openai_parts(addresses: list[str] | None, values: dict[str, str]) -> dict[str, str]:
+    """The OpenAI API's upstream, routes and token exemption (empty when it is not served here)."""
+    if addresses is None:
+        return {"OPENAI_UPSTREAM": "", "OPENAI_LOCATIONS": "", "OWN_AUTH_ROUTES": ""}
+    from ..openai_api.app import MAX_JSON_BODY_BYTES, MAX_MULTIPART_BODY_BYTES
+
+    values = {
+        **values,
+        "OPENAI_JSON_MAX_BODY_BYTES": str(MAX_JSON_BODY_BYTES),
+        "OPENAI_MULTIPART_MAX_BODY_BYTES": str(MAX_MULTIPART_BODY_BYTES),
+    }
+    locations = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], OPENAI_TEMPLATE.read_text())
+    upstream = (
+        f"    upstream kandinsky_openai {{\n{_server_lines(addresses)}\n"
+        f"        keepalive {DEFAULTS.keepalive_connections};\n    }}\n"
+    )
+    return {"OPENAI_UPSTREAM": upstream, "OPENAI_LOCATIONS": locations, "OWN_AUTH_ROUTES": _OPENAI_OWN_AUTH}
 
 
 def _grpc_error_locations(**values: object) -> str:
@@ -341,6 +371,7 @@ def render(
         "LISTEN_GRPC": address(options.host, options.grpc_port),
         **options.extra,
     }
+    values.update(_openai_parts(servers.get("openai"), values))
     text = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
     script_config = {
         "datatype_bytes": TRITON_ITEM_BYTES,
@@ -631,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         "--triton-http",
     )
     parser.add_argument(
+        "--openai-url",
+        nargs="+",
+        help=f"kandinsky-openai's endpoint, host[:port] (port {DEFAULTS.openai_port}; kandinsky-serve runs "
+        "it): the gateway then serves the OpenAI Images API (/v1/) and the playground (/); as --triton-http",
+    )
+    parser.add_argument(
         "--resolve-interval",
         type=float,
         default=DEFAULTS.resolve_interval_s,
@@ -654,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
         triton_http=tuple(address(*host_port(a, DEFAULTS.http_port)) for a in args.triton_http),
         triton_grpc=tuple(address(*host_port(a, DEFAULTS.grpc_port)) for a in args.triton_grpc),
         health=tuple(address(*host_port(a, DEFAULTS.health_port)) for a in args.health_url),
+        openai=tuple(address(*host_port(a, DEFAULTS.openai_port)) for a in args.openai_url)
+        if args.openai_url
+        else None,
         resolve_interval_s=args.resolve_interval,
         repository=args.repository,
         admin_key=resolve_admin_key(args.admin_key_file)

@@ -476,10 +476,16 @@ async def _on_unexpected(request: Request, error: Exception) -> Response:
     return _error_response(from_server_error(error))
 
 
-def create_app(triton_grpc: str, *, token: str | None = None, model: KandinskyModel | None = None) -> ASGIApp:
+def create_app(
+    triton_grpc: str,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    model: KandinskyModel | None = None,
+) -> ASGIApp:
     """The ASGI app. `triton_grpc`: host:port of Triton's gRPC endpoint (or a gateway's); `token`: the
-    bearer token /v1 requires (None: none, for loopback or behind the gateway, which checks its own)."""
-    backend = model or KandinskyModel(triton_grpc)
+    bearer token /v1 requires (None: none); `headers`: metadata of every Triton call (the admin key)."""
+    backend = model or KandinskyModel(triton_grpc, headers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

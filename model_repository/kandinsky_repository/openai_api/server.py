@@ -5,7 +5,9 @@
 Loopback by default, like every other port of the project. When the environment variable named by
 `settings.DEFAULTS.gateway_token_env` is set, /v1 needs it as `Authorization: Bearer <token>` (the
 gateway's token: one token for a deployment); `OpenAIServer` (what kandinsky-serve embeds) takes the
-token explicitly, None behind the gateway, which checks it and strips it.
+token explicitly, and the headers its Triton calls carry (the admin key: behind kandinsky-serve's gateway,
+Triton's inference APIs need it). The gateway passes /v1 on with the Authorization header, so this app
+checks the token there too and answers in OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 
 
-def _config(triton_grpc: str, host: str, port: int, token: str | None) -> uvicorn.Config:
+def _config(
+    triton_grpc: str, host: str, port: int, token: str | None, headers: dict[str, str] | None = None
+) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(triton_grpc, token=token),
+        create_app(triton_grpc, token=token, headers=headers),
         host=host,
         port=port,
         lifespan="on",
@@ -43,7 +47,8 @@ class OpenAIServer:
     """The app on uvicorn in a background thread: `start()` returns once it listens, `stop()` once it ended.
 
     In-flight generations get `DEFAULTS.exit_timeout_s` to finish at stop; streams still open then are
-    cancelled, and so are their generations on Triton.
+    cancelled, and so are their generations on Triton. `start()` after the thread ended (stopped, or died)
+    starts a fresh server on the same port: kandinsky-serve's supervisor restarts it so.
     """
 
     def __init__(
@@ -52,9 +57,11 @@ class OpenAIServer:
         host: str = DEFAULTS.host,
         port: int = DEFAULTS.openai_port,
         token: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self._server = uvicorn.Server(_config(triton_grpc, host, port, token))
+        self._settings = (triton_grpc, host, port, token, headers)
+        self._server = uvicorn.Server(_config(*self._settings))
         self._thread = threading.Thread(target=self._server.run, name="kandinsky-openai", daemon=True)
 
     @property
@@ -63,6 +70,9 @@ class OpenAIServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> OpenAIServer:
+        if self._thread.ident is not None:  # ran before: a uvicorn server runs once, so a new one
+            self._server = uvicorn.Server(_config(*self._settings))
+            self._thread = threading.Thread(target=self._server.run, name="kandinsky-openai", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:

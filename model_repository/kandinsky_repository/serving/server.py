@@ -10,8 +10,11 @@ What `kandinsky-serve` adds around tritonserver (see the README's Security secti
   shapes whose product overflows): no port of a default kandinsky-serve lets one reach them.
   `--no-gateway` (or KANDINSKY_GATEWAY=none: the Docker and Kubernetes setups, which run
   kandinsky-gateway separately) puts Triton itself on those ports, with a warning;
+- the OpenAI Images API and the playground page (`openai_api/`) on `--openai-host`:`--openai-port`
+  (127.0.0.1:8004), and through the gateway at /v1/ and /; same token as the gateway's;
 - shared-memory, logging, trace and model-repository APIs need the admin key (`admin.py`);
-- a supervisor restarts tritonserver when it or a python-backend stub dies (`supervisor.py`);
+- a supervisor restarts tritonserver when it or a python-backend stub dies, and the OpenAI app when its
+  thread ended (`supervisor.py`);
 - deep readiness on `--health-port` (`health.py`), waited for before "Triton is serving";
 - ONNX Runtime's TensorRT engine cache (`--ort-tensorrt` repositories) is built before serving, without
   the ready timeout, or the start stops when it cannot be (`ort_trt_cache.py`); `--build-ort-trt-cache`
@@ -70,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         "behind a separate kandinsky-gateway or for trusted clients",
     )
     add_gateway_arguments(parser)
+    parser.add_argument(
+        "--openai-port",
+        type=int,
+        default=DEFAULTS.openai_port,
+        help="the OpenAI Images API (/v1/...) and the playground page (/), also served through the gateway's "
+        "HTTP port; 0: not served",
+    )
+    parser.add_argument(
+        "--openai-host",
+        default=DEFAULTS.host,
+        help="its address (loopback by default, whatever --host says: the gateway is the way in)",
+    )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     parser.add_argument(
         "--log-file",
@@ -113,6 +128,7 @@ def _no_gateway_warning(host: str, http_port: int, grpc_port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ..gateway.nginx import Gateway, GatewayUnavailable, address, loopback_for, options_from_arguments
+    from ..openai_api.server import OpenAIServer
     from .health import HealthServer
     from .ort_trt_cache import build_cache, cache_state, not_built_message
     from .supervisor import Supervisor
@@ -156,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         log_verbose=args.log_verbose,
         log_file=args.log_file,
     )
+    openai = None
+    if args.openai_port:
+        openai = OpenAIServer(
+            server.grpc_url,
+            host=args.openai_host,
+            port=args.openai_port,
+            token=args.gateway_token,
+            # behind the gateway Triton's inference APIs need the key; the app checks every request itself
+            headers={admin_key.grpc_header: admin_key.key},
+        )
     gateway = None
     if internal:
         try:
@@ -168,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         server.local_host if args.health_host in ("0.0.0.0", "::") else args.health_host,
                         args.health_port,
                     ),
+                    openai=address(loopback_for(args.openai_host), args.openai_port) if openai else None,
                     repository=server.repository,
                     admin_key=admin_key,
                     host=args.host,
@@ -186,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(_no_gateway_warning(args.host, args.http_port, args.grpc_port), file=sys.stderr, flush=True)
     ready_timeout = DEFAULTS.ready_timeout_s if args.ready_timeout is None else args.ready_timeout
-    supervisor = Supervisor(server, ready_timeout_s=ready_timeout, gateway=gateway)
+    supervisor = Supervisor(server, ready_timeout_s=ready_timeout, gateway=gateway, openai=openai)
 
     def request_stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # unwinds to the `finally` below, wherever the main loop is
@@ -209,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         if cache.needed:
             build_cache(args.repository, timeout=None, log_file=args.log_file)
         models = supervisor.start()
+        if openai is not None:
+            openai.start()
         if gateway is not None:
             gateway.start()
             gateway.wait_listening()
@@ -217,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Triton is serving {len(models)} models: {', '.join(models)}", flush=True)
         via = f" (gateway; Triton on {server.http_url} / {server.grpc_url})" if gateway else ""
         print(f"  HTTP    {http_url}\n  gRPC    {grpc_url}{via}", flush=True)
+        if openai is not None:
+            through = f" (and http://{http_url}/v1)" if gateway else ""
+            print(
+                f"  OpenAI  {openai.url}{through}; playground http://{openai.host}:{openai.port}/", flush=True
+            )
         print(f"  metrics {loopback_for(args.host)}:{server.metrics_port}/metrics", flush=True)
         print(f"  health  http://{args.health_host}:{health.port}/health/ready", flush=True)
         print(f"  admin key: {admin_key.source}", flush=True)

@@ -55,6 +55,7 @@ from .stubs import StubProcess, remove_shm_regions, stub_processes, wait_group_g
 
 if TYPE_CHECKING:
     from ..gateway.nginx import Gateway
+    from ..openai_api.server import OpenAIServer
     from .triton import TritonServer
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Supervisor:
     ready_timeout_s: float = DEFAULTS.ready_timeout_s
     backoff: Backoff = field(default_factory=Backoff)
     gateway: Gateway | None = None
+    openai: OpenAIServer | None = None  # the OpenAI Images API (a thread of this process)
 
     def __post_init__(self) -> None:
         self.state = "starting"  # starting -> serving <-> recovering -> stopped
@@ -127,6 +129,7 @@ class Supervisor:
         self.load_seconds = 0.0  # the last start's time to deep readiness
         self.waiting: tuple[float, str] | None = None  # (monotonic end, reason) of a crash-loop backoff
         self._gateway_started = 0.0
+        self._openai_started = 0.0
 
     # -- readiness --------------------------------------------------------------------------------------
 
@@ -158,6 +161,9 @@ class Supervisor:
             return Readiness(False, problems, details=details)
         report = self._deep_readiness()
         report.details = details
+        if self.openai is not None and not self.openai.alive():
+            report.ready = False
+            report.problems.append("the OpenAI API (kandinsky-openai) is not running; restarting it")
         return report
 
     def liveness(self) -> dict:
@@ -214,6 +220,7 @@ class Supervisor:
             if problem:
                 self.recover(problem)
             self._check_gateway()
+            self._check_openai()
 
     def check(self) -> str | None:
         """What is broken now (None: nothing): the server exited, or a stub died."""
@@ -311,11 +318,24 @@ class Supervisor:
         does not make it spin)."""
         if self.gateway is None or self.gateway.poll() is None or self._stop.is_set():
             return
-        if time.monotonic() - self._gateway_started < DEFAULTS.gateway_restart_interval_s:
+        if time.monotonic() - self._gateway_started < DEFAULTS.frontend_restart_interval_s:
             return
         logger.error("the gateway (nginx) exited with code %s; restarting it", self.gateway.poll())
         self._gateway_started = time.monotonic()
         self.gateway.start()
+
+    def _check_openai(self) -> None:
+        """Start the OpenAI API's server again if its thread ended (at most every few seconds)."""
+        if self.openai is None or self.openai.alive() or self._stop.is_set():
+            return
+        if time.monotonic() - self._openai_started < DEFAULTS.frontend_restart_interval_s:
+            return
+        logger.error("the OpenAI API (kandinsky-openai) stopped; restarting it")
+        self._openai_started = time.monotonic()
+        try:
+            self.openai.start()
+        except (RuntimeError, TimeoutError) as error:
+            logger.error("the OpenAI API did not start again: %s", error)
 
     # -- shutdown ---------------------------------------------------------------------------------------
 
@@ -326,6 +346,8 @@ class Supervisor:
         self.state = "stopped"
         if self.gateway is not None:
             self.gateway.stop()
+        if self.openai is not None:
+            self.openai.stop()
         pid = self.server.pid
         self.server.stop(timeout=0 if broken else DEFAULTS.stop_grace_s)
         if pid is not None:
