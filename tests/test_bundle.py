@@ -226,6 +226,8 @@ def test_shell_and_compose_spell_no_sizes_and_only_the_default_ports() -> None:
         assert not re.findall(r"(?<!\d)(?:512|640|768|1024|2000)(?!\d)", code), script.name
     compose = (ROOT / "docker" / "compose.yaml").read_text()
     ports = {int(p) for p in re.findall(r":(\d{4})\"", compose)}
-    assert ports <= {DEFAULTS.http_port, DEFAULTS.grpc_port, DEFAULTS.metrics_port}, ports
+    assert ports <= {DEFAULTS.http_port, DEFAULTS.grpc_port, DEFAULTS.metrics_port, DEFAULTS.openai_port}, (
+        ports
+    )
     code = "\n".join(line.split("#", 1)[0] for line in compose.splitlines())
     assert not re.findall(r"(?<!\d)(?:512|640|768|1024|2000)(?!\d)", code)
