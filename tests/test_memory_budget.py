@@ -5,8 +5,9 @@ OOM-killed).
 - The estimate: every component's peak is measured at export and fitted; at sizes it was not fitted on,
   the estimate is within [1, 1.75] times a fresh measurement (the table below), never below it.
 - The budget: a generator option, derived from the machine by default; shares that sum to it.
-- Served, with a deliberately small budget (tiny preset): a request whose estimate exceeds its model's
-  share is refused at once with a message naming the limit, on both loops; one that fits runs; and after
+- Served, with a deliberately small budget (tiny preset): a request of which one image's row exceeds its
+  model's share is refused at once with a message naming the limit, on both loops; one whose calls are
+  larger than the share runs them in parts, with the pixels of an unsplit run; one that fits runs; and after
   it the UNet and MoVQ decoder stubs are back to their size before it (today's code kept the arena's
   high-water mark: hundreds of MB at these sizes, 22.9 GB after the four 1024 px images).
 - The server loop's admission: generations share the budget, wait in arrival order, and stop waiting when
@@ -241,9 +242,28 @@ def test_a_request_that_fits_runs_and_gives_its_memory_back(small_budget_server,
         assert after[model] <= before[model] + RSS_SLACK_MIB, (model, before, after)
 
 
-def test_the_unet_refuses_a_request_over_its_share_and_splits_merged_ones(small_budget_repository):
+@pytest.mark.parametrize("loop", ["client", "server"])
+def test_a_request_over_the_share_runs_in_parts_with_the_pixels_of_an_unsplit_run(
+    small_budget_server, triton_server, loop
+):
+    """Four images at FIT_SIDE: 8 UNet rows, over the small budget's share (the unit test below shows the
+    UNet runs them in parts); the images are those of the session's server, whose budget fits them whole."""
+    request = {"height": FIT_SIDE, "width": FIT_SIDE, "num_images_per_prompt": 4, "seed": 3, **STEPS}
+    with (
+        KandinskyClient(small_budget_server.grpc_url, "grpc", loop=loop) as small,
+        KandinskyClient(triton_server.grpc_url, "grpc", loop=loop) as roomy,
+    ):
+        parts = small.text_to_image("a cat", **request).images
+        whole = roomy.text_to_image("a cat", **request).images
+    assert len(parts) == len(whole) == 4
+    for split, unsplit in zip(parts, whole, strict=True):
+        np.testing.assert_array_equal(np.asarray(split), np.asarray(unsplit))
+
+
+def test_the_unet_refuses_a_row_over_its_share_and_splits_larger_calls(small_budget_repository):
     """Requests that each fit but not together (the dynamic batcher merged them) run in batches that fit;
-    one request over the limit is refused from its declared shapes."""
+    a request too large on its own runs in parts of rows that fit, with the bits of an unsplit call; a
+    request of which one row is over the limit is refused from its declared shapes."""
     config = MessageToDict(read_config(small_budget_repository / "unet"), preserving_proto_field_name=True)
     model = TritonPythonModel()
     model.initialize(
@@ -260,8 +280,18 @@ def test_the_unet_refuses_a_request_over_its_share_and_splits_merged_ones(small_
         "image_embeds": (2, model.dims.embed_dim),
     }
     model.validate_shapes(shapes)  # one image's rows fit
-    with pytest.raises(InvalidInput, match=r"8 rows at .* 'unet' may take .* memory budget"):
-        model.validate_shapes({name: (8, *shape[1:]) for name, shape in shapes.items()})
+    model.validate_shapes({name: (8, *shape[1:]) for name, shape in shapes.items()})  # run in parts
+    large = LARGE_SIDE // model.dims.movq_scale_factor
+    with pytest.raises(InvalidInput, match=r"one row at .* 'unet' may take .* memory budget"):
+        model.validate_shapes({**shapes, "sample": (1, model.dims.latent_channels, large, large)})
+
+    rng = np.random.default_rng(0)
+    eight = {t.name: rng.standard_normal((8, *shapes[t.name][1:])).astype(t.dtype) for t in model.spec.inputs}
+    eight["timestep"] = (np.arange(8) * 100).astype(eight["timestep"].dtype)
+    part = model.memory.rows_per_call(8, FIT_SIDE, FIT_SIDE)
+    assert 1 <= part < 8
+    whole = model.session.run(eight)  # (the session alone: no limit)
+    np.testing.assert_array_equal(model.compute(eight)["noise_pred"], whole["noise_pred"])
 
     group = [
         (index, {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}) for index in range(4)

@@ -233,10 +233,24 @@ class ModelMemory:
             int(parameters["memory_budget_bytes"]),
         )
 
+    def rows_per_call(self, rows: int, height: int = 0, width: int = 0) -> int:
+        """How many of a call's `rows` run at once: all of them when they fit the limit, else the most
+        that do (the network runs the call in parts of that many rows: rows are independent); 0 when not
+        even one row fits."""
+        one = self.fit.estimate(1, height, width)
+        if self.fit.estimate(rows, height, width) <= self.limit_bytes:
+            return rows
+        return min(rows, self.limit_bytes // one) if one > 0 else rows
+
     def excess(self, rows: int, height: int = 0, width: int = 0) -> int:
-        """The call's estimated bytes when they exceed the limit (it can never run here), else 0."""
-        needed = self.fit.estimate(rows, height, width)
+        """The estimated bytes of one row of the call when even that exceeds the limit (the call can
+        never run here), else 0. Larger calls run in parts (`rows_per_call`)."""
+        needed = self.fit.estimate(1 if rows else 0, height, width)
         return needed if needed > self.limit_bytes else 0
+
+    def call_peak(self, rows: int, height: int = 0, width: int = 0) -> int:
+        """The estimated peak of a call of `rows` rows, run in parts when it does not fit at once."""
+        return self.fit.estimate(max(self.rows_per_call(rows, height, width), 1), height, width)
 
     def limit_text(self, model: str) -> str:
         return (
@@ -355,11 +369,11 @@ def generation_peak(
         needed = memory.excess(rows, height, width)
         if needed:
             raise InvalidRequest(
-                "height, width, num_images_per_prompt",
-                f"{images} image(s) at {height}x{width} need an estimated {format_gib(needed)} in "
-                f"'{name}' ({rows} rows); {memory.limit_text(name)}: ask for fewer images or a smaller size",
+                "height, width",
+                f"one image at {height}x{width} needs an estimated {format_gib(needed)} per row in "
+                f"'{name}'; {memory.limit_text(name)}: ask for a smaller size",
             )
-        peak = max(peak, memory.fit.estimate(rows, height, width))
+        peak = max(peak, memory.call_peak(rows, height, width))
     return peak
 
 

@@ -11,10 +11,12 @@ Parameters (from config.pbtxt):
   memory_limit_bytes  the largest call this instance may run: its share of the server's memory budget
   memory_retain_bytes calls up to this keep ONNX Runtime's arena for the next; larger ones give it back
 
-Memory (see kandinsky_core/memory.py and onnx_cpu.py): a request whose call alone exceeds the limit is
-refused from its declared shapes, before its data is read (INVALID_ARG, naming the limit: it can never
-run here); requests the dynamic batcher merged are split into batches that each fit. A batch estimated
-above `memory_retain_bytes` runs with arena shrinkage, so the stub returns to its size before it.
+Memory (see kandinsky_core/memory.py and onnx_cpu.py): a request of which even one row exceeds the limit
+is refused from its declared shapes, before its data is read (INVALID_ARG, naming the limit: it can never
+run here); requests the dynamic batcher merged are split into batches that each fit, and a request too
+large on its own runs in parts of as many rows as fit (rows are independent: the same bits, as the
+step-batching tests check). A call estimated above `memory_retain_bytes` runs with arena shrinkage, so
+the stub returns to its size before it.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ class TritonPythonModel(BatchingModel):
         if needed:
             size = f" at {height}x{width}" if self.memory.fit.spatial else ""
             raise InvalidInput(
-                f"{rows} rows{size} need an estimated {format_gib(needed)}; "
-                f"{self.memory.limit_text(self.name)}: send fewer rows or a smaller size"
+                f"one row{size} needs an estimated {format_gib(needed)}; "
+                f"{self.memory.limit_text(self.name)}: send a smaller size"
             )
 
     def split_group(self, group: list[tuple[int, dict[str, np.ndarray]]]) -> list[list]:
@@ -104,9 +106,21 @@ class TritonPythonModel(BatchingModel):
                     )
 
     def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        needed = self._estimate({name: value.shape for name, value in inputs.items()})[0]
-        shrink = self.memory is not None and needed > self.memory.retain_bytes
-        return self.session.run(inputs, shrink=shrink)
+        needed, rows, height, width = self._estimate({name: value.shape for name, value in inputs.items()})
+        if self.memory is None:
+            return self.session.run(inputs, shrink=False)
+        part = self.memory.rows_per_call(rows, height, width)
+        if part >= rows or any(value.shape[0] != rows for value in inputs.values()):
+            return self.session.run(inputs, shrink=needed > self.memory.retain_bytes)
+        logger.info("%s: %d rows run in parts of %d (memory)", self.name, rows, part)
+        shrink = self.memory.fit.estimate(part, height, width) > self.memory.retain_bytes
+        outputs = [
+            self.session.run(
+                {name: value[start : start + part] for name, value in inputs.items()}, shrink=shrink
+            )
+            for start in range(0, rows, part)
+        ]
+        return {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
 
 
 __all__ = ["TritonPythonModel", "InvalidInput"]

@@ -426,10 +426,7 @@ def memory_row_limit(server_info: Mapping[str, Any]) -> RowLimit | None:
         if memory is None or not isinstance(spec, ComponentSpec):
             return spec.max_batch_size
         _, height, width = call_size(spec, {name: value.shape for name, value in inputs.items()}, dims)
-        rows = spec.max_batch_size
-        while rows > 1 and memory.fit.estimate(rows, height, width) > memory.limit_bytes:
-            rows -= 1
-        return rows
+        return max(memory.rows_per_call(spec.max_batch_size, height, width), 1)
 
     return row_limit
 
