@@ -17,6 +17,7 @@ OOM-killed).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -366,3 +367,60 @@ def test_the_tensorrt_repository_records_the_device_memory_its_engines_reserve(t
     assert device["total_bytes"] == sum(
         m["instances"] * (m["engine_bytes"] + m["activation_bytes"]) for m in device["models"].values()
     )
+
+
+@pytest.fixture(scope="module")
+def tensorrt_repository(tiny_bundle, tmp_path_factory) -> Path:
+    """A tensorrt repository whose placeholder engines record 1 MiB of activation memory per profile."""
+    from .test_repository_configs import _placeholder_engines
+
+    root = tmp_path_factory.mktemp("tensorrt-memory")
+    bundle = _placeholder_engines(Path(tiny_bundle[0]), root / "bundle", {})
+    generate_repository(bundle, root / "repository", RepositoryOptions(flavour="tensorrt", instances=2))
+    return root / "repository"
+
+
+def _reserved(repository: Path) -> int:
+    return json.loads((repository / REPOSITORY_RECORD).read_text())["device_memory"]["total_bytes"]
+
+
+def test_the_engines_reservation_is_checked_against_every_visible_gpu(tensorrt_repository, tiny_repository):
+    """The GPU memory budget holds at load: a GPU with less free memory than the engines reserve (plus the
+    margin for CUDA and Triton) is refused before Triton starts, naming the figures and what to change."""
+    from kandinsky_repository.serving.device_memory import Gpu, device_memory_problem
+    from kandinsky_repository.settings import DEFAULTS
+
+    needed = _reserved(tensorrt_repository) + DEFAULTS.device_memory_margin_bytes
+    roomy = Gpu("0", 80 << 30, needed + MIB)
+    assert device_memory_problem(tensorrt_repository, lambda: [roomy]) is None
+    problem = device_memory_problem(tensorrt_repository, lambda: [roomy, Gpu("1", 16 << 30, needed - MIB)])
+    assert problem is not None
+    assert "GPU 1 has" in problem and "--instances" in problem and "GiB of GPU memory at load" in problem
+    assert device_memory_problem(tensorrt_repository, lambda: None) is None  # no figure: not checked
+
+    def never() -> list[Gpu]:
+        raise AssertionError("a cpu repository asks for no GPU figure")
+
+    assert device_memory_problem(tiny_repository, never) is None
+
+
+def test_kandinsky_serve_stops_before_triton_when_the_engines_do_not_fit(
+    tensorrt_repository, tmp_path, monkeypatch, capsys
+):
+    """nvidia-smi (a stand-in here) reports a GPU with 512 MiB free: kandinsky-serve exits with 2 and the
+    reason, without starting Triton (which would fail model by model after loading for minutes)."""
+    from kandinsky_repository.serving import server
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\necho "0, 81559, 512"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(server.TritonServer, "start", lambda self: pytest.fail("Triton was started"))
+    code = server.main(["--repository", str(tensorrt_repository), "--openai-port", "0", "--no-gateway"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "GPU 0 has 0.50 GiB free of 79.65 GiB" in error, error
+    assert "--id=0" in (bin_dir / "calls").read_text()

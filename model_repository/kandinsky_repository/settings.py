@@ -53,6 +53,9 @@ class Defaults:
     exit_timeout_s: int = 5  # Triton's --exit-timeout-secs: how long SIGTERM waits for in-flight work
     stop_grace_s: float = 10.0  # SIGKILL after this long (immediately when a stub has died)
     ready_timeout_s: float = 300.0  # first start: models must be ready within this
+    # GPU memory kept free beside what a tensorrt repository's engines reserve (its record): the CUDA
+    # context and Triton's pinned (256 MiB) and CUDA (64 MiB) memory pools; checked before Triton starts
+    device_memory_margin_bytes: int = 1 << 30
 
     # -- repository: bounded queues ----------------------------------------------------------------------
     # Requests waiting per model; more are refused at once (UNAVAILABLE, retryable). Bounds what queued

@@ -16,6 +16,8 @@ What `kandinsky-serve` adds around tritonserver (see the README's Security secti
 - a supervisor restarts tritonserver when it or a python-backend stub dies, and the OpenAI app when its
   thread ended (`supervisor.py`);
 - deep readiness on `--health-port` (`health.py`), waited for before "Triton is serving";
+- a tensorrt repository whose engines do not fit the GPU's free memory is refused before Triton starts
+  (`device_memory.py`);
 - ONNX Runtime's TensorRT engine cache (`--ort-tensorrt` repositories) is built before serving, without
   the ready timeout, or the start stops when it cannot be (`ort_trt_cache.py`); `--build-ort-trt-cache`
   only builds it (the prepare step).
@@ -129,6 +131,7 @@ def _no_gateway_warning(host: str, http_port: int, grpc_port: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ..gateway.nginx import Gateway, GatewayUnavailable, address, loopback_for, options_from_arguments
     from ..openai_api.server import OpenAIServer
+    from .device_memory import device_memory_problem
     from .health import HealthServer
     from .ort_trt_cache import build_cache, cache_state, not_built_message
     from .supervisor import Supervisor
@@ -148,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = cache_state(args.repository)
     if cache.needed and not cache.writable():
         print(f"kandinsky-serve: {not_built_message(cache)}", file=sys.stderr)
+        return 2
+    problem = device_memory_problem(args.repository)
+    if problem:
+        print(f"kandinsky-serve: {problem}", file=sys.stderr)
         return 2
     try:
         admin_key = resolve_admin_key(args.admin_key_file)
