@@ -68,7 +68,34 @@ def test_the_token_is_checked_with_openai_error_objects(served, where):
         _client(base_url, "not-the-token").images.generate(prompt="a fox", size="64x64", extra_body=SMALL)
     assert error.value.status_code == 401 and error.value.body["code"] == "invalid_api_key"
     status, body = http("POST", base_url + "/images/generations", {"prompt": "a fox"})
-    assert status == 401 and "no API key given" in body["error"]["message"], body
+    assert status == 401 and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == "invalid_api_key" and "Authorization: Bearer" in body["error"]["message"]
+
+
+def test_the_gateway_checks_the_token_when_the_app_has_none(nginx_with_njs, triton_server, tiny_repository):
+    """Compose and Helm run the gateway apart from kandinsky-serve, whose app then knows no token: the
+    gateway itself must refuse /v1 without it (it used to leave /v1 to the app: open to anyone)."""
+    from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions
+
+    with OpenAIServer(triton_server.grpc_url, port=free_port()) as app:  # no token of its own
+        options = GatewayOptions(
+            triton_http=triton_server.http_url,
+            triton_grpc=triton_server.grpc_url,
+            health=f"127.0.0.1:{free_port()}",
+            openai=f"127.0.0.1:{app.port}",
+            repository=tiny_repository,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            token=TOKEN,
+        )
+        with Gateway(options) as gateway:
+            base_url = f"http://{gateway.http_url}/v1"
+            for path in ("/models", "/images/generations", "/images/edits", "/images/variations"):
+                status, body = http("POST" if "images" in path else "GET", base_url + path, b"{}")
+                assert status == 401 and body["error"]["code"] == "invalid_api_key", (path, status, body)
+            with _client(base_url, TOKEN) as client:
+                assert client.images.generate(prompt="a fox", size="64x64", extra_body=SMALL).data
+            assert http("GET", f"http://{gateway.http_url}/")[0] == 200  # the page needs none
 
 
 def test_the_playground_needs_no_token_through_the_gateway(served):

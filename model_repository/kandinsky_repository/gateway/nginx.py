@@ -11,8 +11,8 @@ need the admin key, which only the gateway adds: no unchecked request reaches Tr
 
 What it allows (everything else: 403/404 over HTTP, PERMISSION_DENIED over gRPC, each with a message):
 - HTTP/1.1 on `--host`:`--http-port`: with kandinsky-openai behind it (`openai`), the OpenAI Images API
-  (`/v1/...`, token checked by the app, answering OpenAI error objects) and the playground (`/`,
-  `/playground/`); `POST /v2/models/<m>[/versions/<v>]/infer`, `POST .../generate`
+  (`/v1/...`, the token refused as an OpenAI error object) and the playground (`/`, `/playground/`: no
+  token, the page sends it with its calls); `POST /v2/models/<m>[/versions/<v>]/infer`, `POST .../generate`
   and `.../generate_stream`, `GET /v2/health/live`, `GET /v2/health/ready` (kandinsky-serve's deep
   readiness, not Triton's), `GET /v2/models/<m>[/versions/<v>][/ready|/config]`, `GET /v2`,
   `POST /v2/repository/index` (read-only; of Triton's admin APIs, the gateway adds the admin key to
@@ -258,7 +258,8 @@ _GRPC_ERRORS = {
 }
 
 
-# The routes kandinsky-openai answers itself, token check included (see the template's $kandinsky_own_auth).
+# Routes exempt from the server-wide token check (the template's $kandinsky_own_auth): the page, and /v1/,
+# whose location checks the token itself to refuse in OpenAI's error object.
 _OPENAI_OWN_AUTH = '        "/" 1;\n        "~^/playground/" 1;\n        "~^/v1/" 1;'
 
 
