@@ -382,14 +382,7 @@ def repository(tmp_path, pb_utils):
 
 def request_for(component: str, rows: int, side: int) -> FakeRequest:
     """Inputs of the registry's shapes for `rows` rows of a `side` x `side` pixel image."""
-    symbols = {
-        **TINY_DIMS.as_symbols(),
-        "batch": rows,
-        "height": side,
-        "width": side,
-        "latent_height": side // TINY_DIMS.movq_scale_factor,
-        "latent_width": side // TINY_DIMS.movq_scale_factor,
-    }
+    symbols = TINY_DIMS.size_symbols(rows, side, side)
     inputs = {}
     for tensor in COMPONENTS[component].inputs:
         shape = tensor.resolve(symbols, keep_dynamic=False)
@@ -400,14 +393,7 @@ def request_for(component: str, rows: int, side: int) -> FakeRequest:
 
 
 def expected_outputs(component: str, rows: int, side: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    symbols = {
-        **TINY_DIMS.as_symbols(),
-        "batch": rows,
-        "height": side,
-        "width": side,
-        "latent_height": side // TINY_DIMS.movq_scale_factor,
-        "latent_width": side // TINY_DIMS.movq_scale_factor,
-    }
+    symbols = TINY_DIMS.size_symbols(rows, side, side)
     return {
         t.name: (t.resolve(symbols, keep_dynamic=False), np.dtype(t.dtype))
         for t in COMPONENTS[component].outputs

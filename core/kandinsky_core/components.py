@@ -11,7 +11,7 @@ The first dimension of every tensor is the batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -56,6 +56,18 @@ class ModelDims:
     def as_symbols(self) -> dict[str, int]:
         """Symbol table used to resolve `TensorSpec.shape`."""
         return asdict(self)
+
+    def size_symbols(self, batch: int, height: int, width: int) -> dict[str, int]:
+        """`as_symbols` plus the dynamic ones of a call: its batch and image size (pixels; latent sides
+        follow from the MoVQ scale factor)."""
+        return {
+            **self.as_symbols(),
+            BATCH: batch,
+            "height": height,
+            "width": width,
+            "latent_height": height // self.movq_scale_factor,
+            "latent_width": width // self.movq_scale_factor,
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, int]) -> ModelDims:
@@ -489,3 +501,22 @@ def model_inputs(spec: ModelSpec, inputs: Mapping[str, Any]) -> dict[str, np.nda
             value = value.reshape(-1, 1)  # served as dims [1] reshaped to a per-item scalar
         arrays[tensor.name] = np.ascontiguousarray(value)
     return arrays
+
+
+def call_symbols(spec: ModelSpec, dims: ModelDims, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Every shape symbol of a call: the checkpoint's dims, and the dynamic ones read from its inputs
+    (image sides from latent sides and back, with the MoVQ scale factor)."""
+    symbols = dict(dims.as_symbols())
+    for tensor in spec.inputs:
+        shape = shapes[tensor.name]
+        # Not strict: a per-item scalar (batch,) is served as [batch, 1].
+        for symbol, size in zip(tensor.shape, shape, strict=False):
+            if isinstance(symbol, str) and symbol in DYNAMIC_SYMBOLS:
+                symbols[symbol] = int(size)
+    scale = dims.movq_scale_factor
+    for pixels, latent in (("height", "latent_height"), ("width", "latent_width")):
+        if latent in symbols and pixels not in symbols:
+            symbols[pixels] = symbols[latent] * scale
+        elif pixels in symbols and latent not in symbols:
+            symbols[latent] = symbols[pixels] // scale
+    return symbols

@@ -48,9 +48,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .components import BATCH, COMPONENTS, MAX_IMAGE_SIZE, SERVED_MODELS, ComponentSpec, ModelDims
+from .components import (
+    BATCH,
+    COMPONENTS,
+    MAX_IMAGE_SIZE,
+    SERVED_MODELS,
+    ComponentSpec,
+    ModelDims,
+    call_symbols,
+)
 from .errors import InvalidRequest
-from .onnx_cpu import call_symbols
 from .profiles import has_spatial_axes
 from .request import DEFAULT_IMAGE_SIDE
 

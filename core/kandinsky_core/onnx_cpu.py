@@ -18,13 +18,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .components import DYNAMIC_SYMBOLS, ComponentSpec, ModelDims
+from .components import ComponentSpec, ModelDims, call_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +42,6 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def call_symbols(spec: ComponentSpec, dims: ModelDims, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Every shape symbol of a call: the checkpoint's dims, and the dynamic ones read from its inputs
-    (image sides from latent sides and back, with the MoVQ scale factor)."""
-    symbols = dict(dims.as_symbols())
-    for tensor in spec.inputs:
-        shape = shapes[tensor.name]
-        for symbol, size in zip(tensor.shape, shape, strict=False):
-            if isinstance(symbol, str) and symbol in DYNAMIC_SYMBOLS:
-                symbols[symbol] = int(size)
-    scale = dims.movq_scale_factor
-    for pixels, latent in (("height", "latent_height"), ("width", "latent_width")):
-        if latent in symbols and pixels not in symbols:
-            symbols[pixels] = symbols[latent] * scale
-        elif pixels in symbols and latent not in symbols:
-            symbols[latent] = symbols[pixels] // scale
-    return symbols
 
 
 class CpuSession:

@@ -176,22 +176,11 @@ def has_spatial_axes(spec: ModelSpec) -> bool:
     return any(symbol in SPATIAL_SYMBOLS for tensor in spec.inputs for symbol in tensor.shape)
 
 
-def _symbols(dims: ModelDims, batch: int, height: int, width: int) -> dict[str, int]:
-    return {
-        **dims.as_symbols(),
-        "batch": batch,
-        "height": height,
-        "width": width,
-        "latent_height": height // dims.movq_scale_factor,
-        "latent_width": width // dims.movq_scale_factor,
-    }
-
-
 def input_shapes(
     spec: ModelSpec, dims: ModelDims, batch: int, height: int, width: int
 ) -> dict[str, list[int]]:
     """Every input's full shape (batch first) for one batch and image size."""
-    symbols = _symbols(dims, batch, height, width)
+    symbols = dims.size_symbols(batch, height, width)
     return {t.name: list(t.resolve(symbols, keep_dynamic=False)) for t in spec.inputs}
 
 

@@ -30,7 +30,7 @@ from kandinsky_core import bundle as layout
 from kandinsky_core.components import COMPONENTS, ComponentSpec, ModelDims
 from kandinsky_core.memory import fit_measurements, measurement_points
 from kandinsky_core.onnx_cpu import CpuSession, release_free_heap
-from kandinsky_core.profiles import has_spatial_axes
+from kandinsky_core.profiles import has_spatial_axes, input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +57,11 @@ def sample_inputs(
     spec: ComponentSpec, dims: ModelDims, rows: int, height: int, width: int
 ) -> dict[str, np.ndarray]:
     """Inputs of one call at this size (values do not change the memory: zeros, ones for masks)."""
-    symbols = {
-        **dims.as_symbols(),
-        "batch": rows,
-        "height": height,
-        "width": width,
-        "latent_height": height // dims.movq_scale_factor,
-        "latent_width": width // dims.movq_scale_factor,
+    shapes = input_shapes(spec, dims, rows, height, width)
+    return {
+        t.name: (np.ones if t.dtype == "bool" else np.zeros)(shapes[t.name], dtype=t.dtype)
+        for t in spec.inputs
     }
-    inputs = {}
-    for tensor in spec.inputs:
-        shape = tensor.resolve(symbols, keep_dynamic=False)
-        inputs[tensor.name] = (np.ones if tensor.dtype == "bool" else np.zeros)(shape, dtype=tensor.dtype)
-    return inputs
 
 
 def measure_in_process(

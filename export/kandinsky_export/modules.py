@@ -146,14 +146,7 @@ def sample_inputs(
     `height`/`width` are image pixels; latent sizes follow from the checkpoint's MoVQ scale factor.
     """
     rng = np.random.default_rng(seed)
-    symbols: Mapping[str, int] = {
-        **dims.as_symbols(),
-        "batch": batch,
-        "height": height,
-        "width": width,
-        "latent_height": height // dims.movq_scale_factor,
-        "latent_width": width // dims.movq_scale_factor,
-    }
+    symbols = dims.size_symbols(batch, height, width)
     inputs: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tensor.resolve(symbols, keep_dynamic=False)

@@ -391,15 +391,7 @@ def device_memory(configs: dict[str, mc.ModelConfig], output: Path) -> dict:
 
 
 def _tensor_bytes(tensor: TensorSpec, batch: int, dims: ModelDims, side: int) -> int:
-    symbols = {
-        **dims.as_symbols(),
-        "batch": batch,
-        "height": side,
-        "width": side,
-        "latent_height": side // dims.movq_scale_factor,
-        "latent_width": side // dims.movq_scale_factor,
-    }
-    shape = tensor.resolve(symbols, keep_dynamic=False)
+    shape = tensor.resolve(dims.size_symbols(batch, side, side), keep_dynamic=False)
     itemsize = MAX_PROMPT_BYTES + 4 if tensor.dtype == "bytes" else np.dtype(tensor.dtype).itemsize
     return math.prod(shape) * itemsize
 

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from kandinsky_core.components import BATCH, COMPONENTS, ModelDims
+from kandinsky_core.components import BATCH, COMPONENTS, ModelDims, call_symbols
 from kandinsky_core.gpu_costs import NO_GPU, seconds_from_record
 
 from .base import BatchingModel, InvalidInput
@@ -114,19 +114,7 @@ class TimedNetwork(BatchingModel):
 
     def symbols(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Every shape symbol: the bundle's dims, then the batch and sizes read off the inputs' shapes."""
-        symbols = dict(self.dims.as_symbols())
-        for tensor in self.spec.inputs:
-            # Not strict: a per-item scalar ("batch",) is served as [batch, 1].
-            for symbol, size in zip(tensor.shape, inputs[tensor.name].shape, strict=False):
-                if isinstance(symbol, str) and symbol not in symbols:
-                    symbols[symbol] = int(size)
-        scale = self.dims.movq_scale_factor
-        for pixels, latent in (("height", "latent_height"), ("width", "latent_width")):
-            if latent in symbols and pixels not in symbols:
-                symbols[pixels] = symbols[latent] * scale
-            elif pixels in symbols and latent not in symbols:
-                symbols[latent] = symbols[pixels] // scale
-        return symbols
+        return call_symbols(self.spec, self.dims, {name: value.shape for name, value in inputs.items()})
 
     def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         symbols = self.symbols(inputs)
