@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,21 +93,20 @@ class Served:
         except OSError as error:
             return 0, {"error": str(error)}
 
+    def _internal_ports(self) -> tuple[int, int] | None:
+        """Triton's (HTTP, gRPC) ports behind the gateway, as kandinsky-serve prints them (None: none)."""
+        found = re.search(r"Triton on 127\.0\.0\.1:(\d+) / 127\.0\.0\.1:(\d+)\)", self.output)
+        return (int(found[1]), int(found[2])) if found else None
+
     def triton_http_port(self) -> int:
         """Triton's own HTTP port (an internal one behind the gateway)."""
-        marker = "Triton on 127.0.0.1:"
-        text = self.output
-        return int(text.split(marker, 1)[1].split()[0]) if marker in text else self.http_port
+        ports = self._internal_ports()
+        return ports[0] if ports else self.http_port
 
     def triton_grpc_port(self) -> int:
         """Triton's own gRPC port (an internal one behind the gateway)."""
-        marker = "Triton on 127.0.0.1:"
-        text = self.output
-        return (
-            int(text.split(marker, 1)[1].split("/ 127.0.0.1:", 1)[1].split(")")[0])
-            if marker in text
-            else self.grpc_port
-        )
+        ports = self._internal_ports()
+        return ports[1] if ports else self.grpc_port
 
     def nginx_master(self) -> int | None:
         """The gateway's nginx master process (a child of kandinsky-serve), if one runs."""

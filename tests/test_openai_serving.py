@@ -9,7 +9,6 @@ deep readiness, and the supervisor starts it again when it stopped.
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
@@ -21,6 +20,8 @@ from kandinsky_repository.serving.supervisor import Supervisor
 from kandinsky_repository.serving.triton import free_port
 
 from .serving import http, start_serve, wait_for
+from .test_gateway import _options
+from .test_openai_api import decoded, pixels
 
 TOKEN = "openai-gateway-token-0123456789"
 SMALL = {"seed": 11, "num_inference_steps": 2, "prior_num_inference_steps": 2}
@@ -38,14 +39,6 @@ def _client(base_url: str, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=120)
 
 
-def _pixels(b64: str) -> np.ndarray:
-    from io import BytesIO
-
-    from PIL import Image
-
-    return np.asarray(Image.open(BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
 def test_the_api_is_served_on_its_port_and_through_the_gateway_alike(served):
     assert f"OpenAI  http://127.0.0.1:{served.openai_port}/v1" in served.output
     direct = f"http://127.0.0.1:{served.openai_port}/v1"
@@ -54,7 +47,7 @@ def test_the_api_is_served_on_its_port_and_through_the_gateway_alike(served):
     for base_url in (direct, gatewayed):
         with _client(base_url, TOKEN) as client:
             response = client.images.generate(prompt="a fox", size="64x64", extra_body=SMALL)
-            images.append(_pixels(response.data[0].b64_json))
+            images.append(pixels(decoded(response.data[0].b64_json)))
             assert [m.id for m in client.models.list().data]
     np.testing.assert_array_equal(images[0], images[1])
 
@@ -75,19 +68,10 @@ def test_the_token_is_checked_with_openai_error_objects(served, where):
 def test_the_gateway_checks_the_token_when_the_app_has_none(nginx_with_njs, triton_server, tiny_repository):
     """Compose and Helm run the gateway apart from kandinsky-serve, whose app then knows no token: the
     gateway itself must refuse /v1 without it (it used to leave /v1 to the app: open to anyone)."""
-    from kandinsky_repository.gateway.nginx import Gateway, GatewayOptions
+    from kandinsky_repository.gateway.nginx import Gateway
 
     with OpenAIServer(triton_server.grpc_url, port=free_port()) as app:  # no token of its own
-        options = GatewayOptions(
-            triton_http=triton_server.http_url,
-            triton_grpc=triton_server.grpc_url,
-            health=f"127.0.0.1:{free_port()}",
-            openai=f"127.0.0.1:{app.port}",
-            repository=tiny_repository,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            token=TOKEN,
-        )
+        options = _options(triton_server, tiny_repository, openai=f"127.0.0.1:{app.port}", token=TOKEN)
         with Gateway(options) as gateway:
             base_url = f"http://{gateway.http_url}/v1"
             for path in ("/models", "/images/generations", "/images/edits", "/images/variations"):

@@ -258,6 +258,11 @@ _GRPC_ERRORS = {
 }
 
 
+def _fill(template: Path, values: dict[str, str]) -> str:
+    """A template's text with each {{NAME}} replaced by values[NAME]."""
+    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], template.read_text())
+
+
 # Routes exempt from the server-wide token check (the template's $kandinsky_own_auth): the page, and /v1/,
 # whose location checks the token itself to refuse in OpenAI's error object.
 _OPENAI_OWN_AUTH = '        "/" 1;\n        "~^/playground/" 1;\n        "~^/v1/" 1;'
@@ -274,7 +279,7 @@ def _openai_parts(addresses: list[str] | None, values: dict[str, str]) -> dict[s
         "OPENAI_JSON_MAX_BODY_BYTES": str(MAX_JSON_BODY_BYTES),
         "OPENAI_MULTIPART_MAX_BODY_BYTES": str(MAX_MULTIPART_BODY_BYTES),
     }
-    locations = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], OPENAI_TEMPLATE.read_text())
+    locations = _fill(OPENAI_TEMPLATE, values)
     upstream = (
         f"    upstream kandinsky_openai {{\n{_server_lines(addresses)}\n"
         f"        keepalive {DEFAULTS.keepalive_connections};\n    }}\n"
@@ -373,7 +378,7 @@ def render(
         **options.extra,
     }
     values.update(_openai_parts(servers.get("openai"), values))
-    text = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
+    text = _fill(TEMPLATE, values)
     script_config = {
         "datatype_bytes": TRITON_ITEM_BYTES,
         "json_max_elements": json_elements,
