@@ -7,9 +7,24 @@ import warnings
 from pathlib import Path
 
 import pytest
+from kandinsky_core.components import ModelDims
 from kandinsky_repository.serving.triton import free_port
 
 TINY_SEED = 0
+# The tiny preset's dims (export/kandinsky_export/presets.py), for tests that need them without a bundle
+# (movq_scale_factor 8: a latent side of 8 is 64 px).
+TINY_DIMS = ModelDims(
+    text_seq_len=77,
+    text_hidden=32,
+    text_embed=32,
+    embed_dim=32,
+    image_size=32,
+    latent_channels=4,
+    unet_out_channels=8,
+    inpaint_in_channels=9,
+    movq_scale_factor=8,
+    unet_downscale=2,
+)
 # The admin key of the servers tests start (Triton's restricted APIs: shared memory, logging, ...).
 TEST_ADMIN_KEY = "test-admin-key-0123456789"
 

@@ -33,22 +33,10 @@ from kandinsky_core.gpu_costs import (
     seconds_from_record,
 )
 
+from .conftest import TINY_DIMS
+
 DATA = load_costs()
 SIDES = (512, 768, 1024)
-# The tiny preset's dims (export/kandinsky_export/presets.py): outputs get these shapes while the
-# modelled time is the released architecture's.
-TINY_DIMS = ModelDims(
-    text_seq_len=77,
-    text_hidden=32,
-    text_embed=32,
-    embed_dim=32,
-    image_size=32,
-    latent_channels=4,
-    unet_out_channels=8,
-    inpaint_in_channels=9,
-    movq_scale_factor=8,
-    unet_downscale=2,
-)
 
 
 def synthetic(**overrides: float) -> dict[str, Any]:
@@ -577,3 +565,9 @@ def test_recalibrating_from_the_file_reproduces_it(tmp_path):
     output = tmp_path / "costs.json"
     assert main(["flops", "--calibrate-only", "--output", str(output)]) == 0
     assert json.loads(output.read_text()) == DATA
+
+
+def test_the_shared_tiny_dims_are_the_tiny_bundles(tiny_bundle):
+    """TINY_DIMS (conftest) stands in for the tiny preset's bundle in tests without one: it must not drift."""
+    manifest = json.loads((Path(tiny_bundle[0]) / "manifest.json").read_text())
+    assert ModelDims.from_dict(manifest["dims"]) == TINY_DIMS

@@ -20,7 +20,6 @@ import pytest
 from kandinsky_client.cli import build_parser, request_from_args
 from kandinsky_client.pipeline import KandinskyClient, add_mode_methods
 from kandinsky_core import components as registry
-from kandinsky_core.components import ModelDims
 from kandinsky_core.errors import InvalidRequest
 from kandinsky_core.generation import DECODER_STAGE, PRIOR_STAGE, Plan
 from kandinsky_core.modes import (
@@ -38,6 +37,7 @@ from kandinsky_core.validation import check_request, plan_request
 from kandinsky_core.wire import ResponseOptions, input_specs, request_from_inputs, request_inputs
 from kandinsky_export.presets import DECODER_SCHEDULER, PRIOR_SCHEDULER
 
+from .conftest import TINY_DIMS
 from .reference import picture
 from .test_server_generation import MODE_CASES
 
@@ -60,18 +60,7 @@ IMAGE = picture(64, 64, seed=21)
 FOX = picture(40, 48, seed=22)
 # The tiny preset's sizes (export/kandinsky_export/presets.py) with the released scheduler configs.
 INFO = ServerInfo(
-    dims=ModelDims(
-        text_seq_len=77,
-        text_hidden=32,
-        text_embed=32,
-        embed_dim=32,
-        image_size=32,
-        latent_channels=4,
-        unet_out_channels=8,
-        inpaint_in_channels=9,
-        movq_scale_factor=8,
-        unet_downscale=2,
-    ),
+    dims=TINY_DIMS,
     prior_scheduler=PRIOR_SCHEDULER,
     decoder_scheduler=DECODER_SCHEDULER,
     max_image_size=1024,

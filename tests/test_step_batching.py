@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +33,7 @@ from kandinsky_repository.python_models.step_batching import (
     step_batcher,
 )
 
-# The tiny preset's dims (movq_scale_factor 8: a latent side of 8 is 64 px).
-TINY_DIMS = {
-    "text_seq_len": 77,
-    "text_hidden": 32,
-    "text_embed": 32,
-    "embed_dim": 32,
-    "image_size": 32,
-    "latent_channels": 4,
-    "unet_out_channels": 8,
-    "inpaint_in_channels": 9,
-    "movq_scale_factor": 8,
-    "unet_downscale": 2,
-}
+from .conftest import TINY_DIMS
 
 # -- the batcher against a stand-in network ---------------------------------------------------------------
 
@@ -655,7 +643,7 @@ def test_the_memory_budget_gives_each_loop_its_row_limit() -> None:
     from kandinsky_core.memory import MemoryFit, ModelMemory
     from kandinsky_repository.python_models.step_batching import memory_row_limit
 
-    dims = {"kandinsky_dims": TINY_DIMS}
+    dims = {"kandinsky_dims": asdict(TINY_DIMS)}
     per_row_pixel = 1000.0
     fit = MemoryFit(per_row=0.0, per_row_pixel=per_row_pixel, per_row_pixel2=0.0, spatial=True)
     limit = int(3.5 * per_row_pixel * 64 * 64)  # 3 rows of 64 px fit, 4 do not
